@@ -45,18 +45,13 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dimension of a (B, C, H, W) map."""
+class LayerNorm2d(nn.LayerNorm):
+    """Channel LayerNorm of a (B, C, H, W) map; parameters ``weight`` / ``bias`` of shape (C,)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
+        super().__init__(num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W): normalise each pixel's channel vector, then scale/shift per channel
-        mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
+        # channels-last view so the fused layer_norm kernel normalises over C
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
