@@ -20,21 +20,13 @@ def activation(name: str) -> Type[nn.Module]:
 class MLP(nn.Module):
     """``num_layers`` linear layers (state-dict keys ``layers.{i}``), activation between them."""
 
-    def __init__(
-        self,
-        input_dim: int,
-        hidden_dim: int,
-        output_dim: int,
-        num_layers: int,
-        activation: Type[nn.Module] = nn.ReLU,
-        sigmoid_output: bool = False,
-    ) -> None:
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
+                 activation: Type[nn.Module] = nn.ReLU, sigmoid_output: bool = False) -> None:
         super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.num_layers = num_layers
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        widths = [input_dim, *([hidden_dim] * (num_layers - 1)), output_dim]
+        self.layers = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(num_layers))
+        self.num_layers, self.sigmoid_output = num_layers, sigmoid_output
         self.act = activation()
-        self.sigmoid_output = sigmoid_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
