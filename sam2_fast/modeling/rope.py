@@ -1,0 +1,125 @@
+"""2-D axial rotary position encoding (RoPE) and the attention that uses it.
+
+A head of width D is read as D/2 consecutive channel pairs, each a point in the plane that
+is rotated by an angle depending on the token's grid position. The first D/4 pairs turn
+with the column index x, the last D/4 pairs with the row index y; pair j of either half
+turns at frequency ``theta ** (-4j / D)``. Tokens are numbered row-major (x fastest), as
+flattened (H, W) feature maps are.
+
+Memory attention uses this in two ways:
+* self-attention of the current frame: q and k are both the H*W frame tokens;
+* cross-attention to memories: keys hold several memory frames of H*W tokens each (the
+  table is tiled frame after frame, ``rope_k_repeat``) followed by object-pointer tokens
+  that carry no grid position and are left unrotated (``num_k_exclude_rope``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from sam2_fast.modeling.transformer import Attention
+
+
+def axial_rope_angles(head_dim: int, width: int, height: int, theta: float = 10000.0,
+                      device=None) -> Tensor:
+    """Rotation angles (height*width, head_dim // 2) for a row-major grid, float32."""
+    if head_dim % 4 != 0:
+        raise ValueError(f"axial RoPE needs a head width divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    # float32 exponent, as the official tables are computed, so angles agree to the ulp
+    rates = 1.0 / (theta ** (torch.arange(quarter, dtype=torch.float32, device=device) * 4 / head_dim))
+    idx = torch.arange(width * height, dtype=torch.float32, device=device)
+    col = torch.remainder(idx, width)
+    row = torch.div(idx, width, rounding_mode="floor")
+    return torch.cat([col[:, None] * rates[None, :], row[:, None] * rates[None, :]], dim=1)
+
+
+def axial_rope_table(head_dim: int, width: int, height: int, theta: float = 10000.0,
+                     device=None) -> Tuple[Tensor, Tensor]:
+    """(cos, sin), each (height*width, head_dim // 2) float32."""
+    ang = axial_rope_angles(head_dim, width, height, theta, device)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (x[..., 2i], x[..., 2i+1]) of x (..., N, D) by tables (N, D/2).
+
+    Computed in float32 (like the complex product of the official code) and cast back.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, D/2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: bool = False,
+                     num_k_exclude: int = 0) -> Tuple[Tensor, Tensor]:
+    """Rotate q (B, h, Nq, D) and the first Nk - num_k_exclude keys of k (B, h, Nk, D).
+
+    The table (Nq, D/2) covers the query grid. With ``repeat_k`` the rotated keys must be a
+    whole number of query-sized frames and the table is tiled across them; otherwise they
+    must be exactly as many as the queries. Trailing excluded keys pass through unchanged.
+    """
+    nq, nk = q.shape[-2], k.shape[-2]
+    if not 0 <= num_k_exclude <= nk:
+        raise ValueError(f"num_k_exclude_rope={num_k_exclude} is outside [0, {nk}] (number of keys)")
+    if cos.shape[0] != nq:
+        raise ValueError(f"RoPE table has {cos.shape[0]} positions but there are {nq} queries")
+    n_rot = nk - num_k_exclude
+    q_out = rotate_pairs(q, cos, sin)
+    if n_rot == 0:
+        return q_out, k
+    if n_rot == nq:
+        k_cos, k_sin = cos, sin
+    elif repeat_k and n_rot % nq == 0:
+        reps = n_rot // nq
+        k_cos, k_sin = cos.repeat(reps, 1), sin.repeat(reps, 1)  # frame-major tiling
+    elif repeat_k:
+        raise ValueError(f"{n_rot} rotated keys are not a whole number of {nq}-token memory frames")
+    else:
+        raise ValueError(f"{n_rot} rotated keys for {nq} queries; set rope_k_repeat for memories")
+    k_rot = rotate_pairs(k[..., :n_rot, :], k_cos, k_sin)
+    if num_k_exclude == 0:
+        return q_out, k_rot
+    return q_out, torch.cat([k_rot, k[..., n_rot:, :]], dim=-2)
+
+
+class RoPEAttention(Attention):
+    """:class:`Attention` with axial RoPE on queries and (grid) keys.
+
+    ``feat_sizes`` only seeds the table cache; the grid is re-derived from the number of
+    queries, which must form a square feature map (as in the official model).
+    """
+
+    def __init__(self, *args, rope_theta: float = 10000.0, rope_k_repeat: bool = False,
+                 feat_sizes: Tuple[int, int] = (64, 64), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rope_theta = float(rope_theta)
+        self.rope_k_repeat = rope_k_repeat
+        self.feat_sizes = tuple(feat_sizes)
+        # tables are derived data, not parameters: kept out of the state dict
+        self._tables: Dict[Tuple[int, int, str], Tuple[Tensor, Tensor]] = {}
+
+    def rope_table(self, num_tokens: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Cached (cos, sin) of shape (num_tokens, head_dim/2) for a square grid."""
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"RoPE attention needs a square feature map, got {num_tokens} query tokens")
+        key = (side, side, str(device))
+        table = self._tables.get(key)
+        if table is None:
+            table = axial_rope_table(self.head_dim, side, side, self.rope_theta, device=device)
+            self._tables[key] = table
+        return table
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_k_exclude_rope: int = 0) -> Tensor:
+        """q: (B, Nq, C); k, v: (B, Nk, kv_in_dim); the last ``num_k_exclude_rope`` keys skip RoPE."""
+        qh, kh, vh = self._project(q, k, v)  # (B, heads, N, D)
+        cos, sin = self.rope_table(qh.shape[-2], qh.device)
+        qh, kh = apply_axial_rope(qh, kh, cos, sin, repeat_k=self.rope_k_repeat,
+                                  num_k_exclude=num_k_exclude_rope)
+        return self._attend_and_merge(qh, kh, vh)
