@@ -1,0 +1,291 @@
+"""Hiera windowed / global attention with window partition, padding and un-partition fused.
+
+What the model passes (one ``MultiScaleBlock``):
+    qkv      (B, H, W, 3*C)  output of ``attn.qkv`` applied to ``norm1(x)`` on the *unpadded*
+                             (B, H, W, dim) map; channel layout [q | k | v], each C = heads*hd
+                             with head h at channels h*hd:(h+1)*hd (the checkpoint's layout).
+    qkv_bias (3*C,)          ``attn.qkv.bias`` (or None when the projection has no bias).
+    window   int             the block's ``window_size``; 0 means global attention.
+    q_pool   bool            True for the q-pooled block at a stage transition (2x2 max pool).
+Returns (B, H', W', C) in qkv's dtype, the attention output before ``attn.proj``
+(H' = H // 2 when q_pool else H).
+
+Semantics reproduced (the reference partitions the zero-padded *input* and projects it):
+  * ragged windows are zero-padded before the qkv projection, so a padded token's q/k/v
+    equal the projection bias; padded keys are NOT masked and take part in the softmax.
+    The kernel synthesises them from ``qkv_bias`` instead of materialising a padded map.
+  * with q pooling the queries are 2x2-max-pooled inside each window of side ``window``,
+    giving query windows of side ``window // 2`` over the pooled map; keys/values keep
+    the full window. Because window origins are even, pooling per window equals pooling
+    the whole map, so the kernel pools on load.
+  * global attention (window 0): one window covering the whole map, no padding.
+
+Precision: scores, softmax and the accumulator are fp32; P is cast to the value dtype for
+the second matmul (flash-attention practice). fp32 inputs use ``input_precision="ieee"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import LaunchConfig, MIN_DOT_TILE, check_dtype, dot_precision, next_pow2, raise_if
+
+# Hiera pools queries with a (2, 2) max pool (``q_stride``); nothing else is supported.
+Q_POOL_STRIDE = 2
+# Largest head dim the kernel tiles in one block (Hiera uses 56, 72, 96).
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _window_attn_kernel(
+    qkv_ptr, bias_ptr, out_ptr,
+    s_qkv_b, s_qkv_h, s_qkv_w,      # qkv strides (channel stride is 1)
+    s_out_b, s_out_h, s_out_w,      # out strides (channel stride is 1)
+    H, W,                           # key map size
+    HQ, WQ,                         # query / output map size
+    WKH, WKW,                       # key window size (rows, cols)
+    WQH, WQW,                       # query window size
+    n_win_x, n_win, num_heads, C,
+    qk_scale,                       # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    POOL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bwh = tl.program_id(1)
+    head = pid_bwh % num_heads
+    win = (pid_bwh // num_heads) % n_win
+    b = pid_bwh // (num_heads * n_win)
+    wy = win // n_win_x
+    wx = win % n_win_x
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_q = WQH * WQW
+    n_k = WKH * WKW
+    base = qkv_ptr + b.to(tl.int64) * s_qkv_b + head * HEAD_DIM
+
+    # ---- queries of this block: window-local index -> map position
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qy = wy * WQH + offs_m // WQW
+    qx = wx * WQW + offs_m % WQW
+    q_ok = (offs_m < n_q) & (qy < HQ) & (qx < WQ)  # padded query rows are never stored
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    if POOL:
+        q = tl.full([BLOCK_M, BLOCK_D], float("-inf"), qkv_ptr.dtype.element_ty)
+        for t in tl.static_range(4):
+            py = 2 * qy + t // 2
+            px = 2 * qx + t % 2
+            ptr = base + py[:, None] * s_qkv_h + px[:, None] * s_qkv_w + offs_d[None, :]
+            q = tl.maximum(q, tl.load(ptr, mask=q_mask, other=float("-inf")))
+        q = tl.where(q_mask, q, 0.0)
+    else:
+        ptr = base + qy[:, None] * s_qkv_h + qx[:, None] * s_qkv_w + offs_d[None, :]
+        q = tl.load(ptr, mask=q_mask, other=0.0)
+
+    if HAS_BIAS:
+        k_bias = tl.load(bias_ptr + C + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        v_bias = tl.load(bias_ptr + 2 * C + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        k_bias = k_bias.to(qkv_ptr.dtype.element_ty)
+        v_bias = v_bias.to(qkv_ptr.dtype.element_ty)
+    else:
+        k_bias = tl.zeros([BLOCK_D], qkv_ptr.dtype.element_ty)
+        v_bias = tl.zeros([BLOCK_D], qkv_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        ky = wy * WKH + offs_n // WKW
+        kx = wx * WKW + offs_n % WKW
+        in_win = offs_n < n_k
+        in_map = in_win & (ky < H) & (kx < W)
+        is_pad = in_win & ~in_map  # zero-padded input token: its k, v are the bias
+        kv_off = ky[:, None] * s_qkv_h + kx[:, None] * s_qkv_w + offs_d[None, :]
+        kv_mask = in_map[:, None] & d_ok[None, :]
+        k = tl.load(base + C + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * C + kv_off, mask=kv_mask, other=0.0)
+        k = tl.where(is_pad[:, None], k_bias[None, :], k)
+        v = tl.where(is_pad[:, None], v_bias[None, :], v)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (M, N) fp32
+        s = tl.where(in_win[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptr = (out_ptr + b.to(tl.int64) * s_out_b + qy[:, None] * s_out_h + qx[:, None] * s_out_w
+             + head * HEAD_DIM + offs_d[None, :])
+    tl.store(o_ptr, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def window_geometry(h: int, w: int, window: int, q_pool: bool) -> dict:
+    """Map and window sizes of one block: key map (h, w), query map, windows per side."""
+    if q_pool:
+        hq, wq = h // Q_POOL_STRIDE, w // Q_POOL_STRIDE
+    else:
+        hq, wq = h, w
+    if window > 0:
+        wk = (window, window)
+        wqs = window // Q_POOL_STRIDE if q_pool else window
+        wqw = (wqs, wqs)
+    else:
+        wk, wqw = (h, w), (hq, wq)
+    n_y, n_x = -(-h // wk[0]), -(-w // wk[1])
+    return dict(hq=hq, wq=wq, wk=wk, wqw=wqw, n_win_y=n_y, n_win_x=n_x)
+
+
+def shape_reason(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                 window: int, q_pool: bool) -> Optional[str]:
+    """Why these shapes describe no valid Hiera block (None when they do)."""
+    if qkv.dim() != 4:
+        return f"qkv must be (B, H, W, 3*C), got shape {tuple(qkv.shape)}"
+    b, h, w, c3 = qkv.shape
+    if c3 % 3 or (c3 // 3) % num_heads:
+        return f"last dim {c3} is not 3 * num_heads({num_heads}) * head_dim"
+    if (c3 // 3) // num_heads > MAX_HEAD_DIM:
+        return f"head dim {(c3 // 3) // num_heads} exceeds MAX_HEAD_DIM={MAX_HEAD_DIM}"
+    if window < 0:
+        return f"window must be >= 0 (0 = global), got {window}"
+    if min(b, h, w) == 0:
+        return "empty input"
+    if q_pool and window > 0 and window % Q_POOL_STRIDE:
+        return f"q pooling needs a window divisible by {Q_POOL_STRIDE}, got {window}"
+    if q_pool and window > 0 and (h % Q_POOL_STRIDE or w % Q_POOL_STRIDE):
+        # The reference's un-partition of pooled windows is only consistent for even maps.
+        return f"q pooling of windows needs an even map, got {h}x{w}"
+    if q_pool and min(h, w) < Q_POOL_STRIDE:
+        return f"map {h}x{w} too small for {Q_POOL_STRIDE}x{Q_POOL_STRIDE} pooling"
+    if qkv_bias is not None and (qkv_bias.shape != (c3,) or qkv_bias.device != qkv.device):
+        return f"qkv_bias must be ({c3},) on {qkv.device}, got {tuple(qkv_bias.shape)}"
+    return None
+
+
+def unsupported_reason(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                       window: int, q_pool: bool) -> Optional[str]:
+    """Why these inputs cannot go through the kernel (None when they can)."""
+    reason = shape_reason(qkv, qkv_bias, num_heads, window, q_pool) or check_dtype("qkv", qkv)
+    if reason is None and qkv.stride(-1) != 1:
+        reason = "qkv channels must be contiguous (stride(-1) == 1)"
+    return reason
+
+
+def output_shape(qkv: torch.Tensor, window: int, q_pool: bool) -> Tuple[int, int, int, int]:
+    b, h, w, c3 = qkv.shape
+    g = window_geometry(h, w, window, q_pool)
+    return (b, g["hq"], g["wq"], c3 // 3)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def pick_config(n_q: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """Block sizes for one window of n_q queries (every choice is listed by all_configs)."""
+    wide = dtype == torch.float32 or next_pow2(head_dim) > 128
+    cap = 64 if wide else 128  # fp32 / wide tiles need twice the registers and smem
+    block_m = min(max(next_pow2(n_q), MIN_DOT_TILE), cap)
+    block_n = 32 if wide else 64
+    return LaunchConfig(block_m, block_n, 4 if block_m <= 64 else 8, 2)
+
+
+def all_configs(head_dims, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """Every (dtype, constexprs, LaunchConfig) the launcher can choose for these head dims."""
+    out = []
+    for dt in dtypes:
+        for hd in head_dims:
+            for n_q in (16, 32, 64, 128):
+                cfg = pick_config(n_q, hd, dt)
+                for pool in (False, True):
+                    item = (dt, dict(HEAD_DIM=hd, BLOCK_D=next_pow2(hd), BLOCK_M=cfg.block_m,
+                                     BLOCK_N=cfg.block_n, POOL=pool, HAS_BIAS=True,
+                                     DOT_PREC=dot_precision(dt)), cfg)
+                    if item not in out:
+                        out.append(item)
+    return out
+
+
+def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                            window: int, q_pool: bool,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the kernel (see the module docstring for the tensors). ``out`` may be given."""
+    raise_if(unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool), "window_attention")
+    b, h, w, c3 = qkv.shape
+    c = c3 // 3
+    hd = c // num_heads
+    g = window_geometry(h, w, window, q_pool)
+    shape = (b, g["hq"], g["wq"], c)
+    if out is None:
+        out = torch.empty(shape, device=qkv.device, dtype=qkv.dtype)
+    elif tuple(out.shape) != shape or out.dtype != qkv.dtype or out.stride(-1) != 1:
+        raise ValueError(f"window_attention: out must be {shape} {qkv.dtype} with unit channel stride")
+    n_q = g["wqw"][0] * g["wqw"][1]
+    n_win = g["n_win_y"] * g["n_win_x"]
+    cfg = pick_config(n_q, hd, qkv.dtype)
+    grid = (triton.cdiv(n_q, cfg.block_m), b * n_win * num_heads)
+    bias = qkv_bias if qkv_bias is not None else qkv  # dummy pointer when HAS_BIAS is off
+    _window_attn_kernel[grid](
+        qkv, bias, out,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        h, w, g["hq"], g["wq"], g["wk"][0], g["wk"][1], g["wqw"][0], g["wqw"][1],
+        g["n_win_x"], n_win, num_heads, c,
+        (1.0 / math.sqrt(hd)) * 1.4426950408889634,
+        HEAD_DIM=hd, BLOCK_D=next_pow2(hd), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        POOL=q_pool, HAS_BIAS=qkv_bias is not None, DOT_PREC=dot_precision(qkv.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def window_attention_reference(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                               window: int, q_pool: bool) -> torch.Tensor:
+    """PyTorch path: pad with the bias, split windows, pool q, SDPA, stitch, crop."""
+    raise_if(shape_reason(qkv, qkv_bias, num_heads, window, q_pool), "window_attention")
+    b, h, w, c3 = qkv.shape
+    c = c3 // 3
+    g = window_geometry(h, w, window, q_pool)
+    (kh, kw), (qh, qw) = g["wk"], g["wqw"]
+    ny, nx = g["n_win_y"], g["n_win_x"]
+    hp, wp = ny * kh, nx * kw
+    if (hp, wp) != (h, w):
+        # A zero input token projects to the bias: fill the padding with it.
+        fill = qkv_bias if qkv_bias is not None else qkv.new_zeros(c3)
+        grid = fill.to(qkv.dtype).expand(b, hp, wp, c3).clone()
+        grid[:, :h, :w] = qkv
+    else:
+        grid = qkv
+    # (B, ny, kh, nx, kw, 3, heads, hd) -> (B*ny*nx, heads, kh, kw, 3, hd)
+    tiles = grid.reshape(b, ny, kh, nx, kw, 3, num_heads, c // num_heads)
+    tiles = tiles.permute(0, 1, 3, 6, 2, 4, 5, 7).reshape(b * ny * nx, num_heads, kh, kw, 3, -1)
+    q, k, v = tiles.unbind(4)  # each (nW, heads, kh, kw, hd)
+    if q_pool:
+        nwh = q.shape[0] * num_heads
+        q = q.reshape(nwh, kh, kw, -1).permute(0, 3, 1, 2)
+        q = F.max_pool2d(q, Q_POOL_STRIDE, Q_POOL_STRIDE).permute(0, 2, 3, 1)
+        q = q.reshape(-1, num_heads, q.shape[1], q.shape[2], q.shape[3])
+    att = F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3))
+    # (nW, heads, qh*qw, hd) -> (B, ny*qh, nx*qw, C), then crop the padding.
+    att = att.reshape(b, ny, nx, num_heads, qh, qw, -1).permute(0, 1, 4, 2, 5, 3, 6)
+    att = att.reshape(b, ny * qh, nx * qw, c)
+    return att[:, : g["hq"], : g["wq"]]
