@@ -42,14 +42,17 @@ def hiera_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
            whose single "window" is the whole map). ``Lq = wq * wq`` where ``wq`` is the
            window side, or ``window // q_stride`` in a q-pooling block (then ``Lq = Lk / 4``).
            For a global block ``Lq = H * W`` (``(H//2) * (W//2)`` if it pools).
-           Produced by a max-pool (q-pool blocks, contiguous) or a strided view of the qkv
-           projection (other blocks, NOT contiguous: stride pattern of (N, L, 3, heads, D)).
-        k, v: (N, heads, Lk, D) keys / values, strided views of the same qkv projection,
-           ``Lk = window * window`` (``H * W`` for a global block).
+        k, v: (N, heads, Lk, D) keys / values, ``Lk = window * window`` (``H * W`` global).
+        None of the three is contiguous; each is a ``transpose(1, 2)`` view with last stride 1:
+           k, v (and q of a plain block) view the qkv projection, memory (N, Lk, 3, heads, D),
+           strides (Lk*3*C, D, 3*C, 1) with C = heads*D; q of a q-pooling block views the
+           pooled tensor, memory (N, Lq, heads, D), strides (Lq*C, D, C, 1).
         All three share dtype and device. Row ``i`` of a window is token (i // w, i % w) of
         that window, row-major. Tokens that pad a ragged window are ordinary rows here (they
         hold the qkv bias) and MUST be attended to: no mask, no causal structure.
-        Head dim D: 96 (tiny/small), 56 (base_plus), 72 (large).
+        Head dim D: 96 (tiny/small), 56 (base_plus), 72 (large). Lk is 64, 16, 196 or 49
+        (tiny/small/base_plus windows 8, 4, 14, 7), 64, 16, 256 or 64 (large: 8, 4, 16, 8),
+        or H*W of a global block (4096 at image size 1024).
 
     Returns:
         (N, heads, Lq, D): ``softmax(q @ k^T / sqrt(D)) @ v`` for every window and head.
