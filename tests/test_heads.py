@@ -139,8 +139,9 @@ def _decoder_inputs(gen, n_img, n_prompts, n_tokens=4):
         image_pe=torch.randn(1, DIM, h, w, generator=gen),
         sparse_prompt_embeddings=torch.randn(n_prompts, n_tokens, DIM, generator=gen),
         dense_prompt_embeddings=torch.randn(n_prompts, DIM, h, w, generator=gen),
-        high_res_features=[torch.randn(n_img if n_img == n_prompts else n_prompts, DIM // 8, 4 * h, 4 * w, generator=gen),
-                           torch.randn(n_img if n_img == n_prompts else n_prompts, DIM // 4, 2 * h, 2 * w, generator=gen)],
+        # per image, as the predictors pass them (they broadcast over repeated prompt sets)
+        high_res_features=[torch.randn(n_img, DIM // 8, 4 * h, 4 * w, generator=gen),
+                           torch.randn(n_img, DIM // 4, 2 * h, 2 * w, generator=gen)],
     )
 
 

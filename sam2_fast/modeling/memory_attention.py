@@ -30,21 +30,17 @@ class MemoryAttentionLayer(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
-        self.d_model = d_model
-        self.dim_feedforward = dim_feedforward
-        self.dropout_value = dropout
-        self.self_attn = self_attention
-        self.cross_attn_image = cross_attention
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.activation_str = activation
-        self._act = _ACTIVATIONS[activation]
+        # sub-modules, named as in the official checkpoints
+        self.self_attn, self.cross_attn_image = self_attention, cross_attention
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.linear1, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
+        # hyper-parameters (public, as other code inspects them)
+        self.d_model, self.dim_feedforward, self.dropout_value = d_model, dim_feedforward, dropout
+        self.activation_str, self._act = activation, _ACTIVATIONS[activation]
+        # which attention inputs receive the position encodings
         self.pos_enc_at_attn = pos_enc_at_attn
-        self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
         self.pos_enc_at_cross_attn_queries = pos_enc_at_cross_attn_queries
+        self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
 
     def _drop(self, x: Tensor) -> Tensor:
         # dropout is a training-time regulariser only; identity in eval
