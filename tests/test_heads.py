@@ -204,6 +204,17 @@ def test_mask_decoder_dynamic_stability(delta):
     assert rel_err(wrong, r_masks) > 10 * TOL
 
 
+def test_mask_decoder_bf16_autocast_matches_reference():
+    ref, ours = _decoders(seed=9)
+    inputs = _decoder_inputs(torch.Generator().manual_seed(16), 2, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        r = ref(multimask_output=True, repeat_image=False, **inputs)
+        o = ours(multimask_output=True, repeat_image=False, **inputs)
+    for a, b in zip(o, r):
+        assert a.dtype == b.dtype
+        assert_close_rel(a, b, 1e-2, "bf16 decoder")
+
+
 def test_mask_decoder_mutation_high_res_order():
     """Leaving the stride-8 high-res map out of the first upscaling stage breaks parity."""
     ref, ours = _decoders(seed=7)

@@ -126,6 +126,25 @@ def test_memory_attention_list_inputs_and_errors():
         ours(x["curr"], x["memory"], x["curr_pos"], x["memory_pos"], num_obj_ptr_tokens=0)
 
 
+def test_memory_attention_dropout_only_in_training():
+    _, ours = _memory_attention_pair(seed=11, num_layers=1)
+    x = _memory_inputs(torch.Generator().manual_seed(12), 7, 1, 4)
+    with torch.no_grad():
+        assert torch.equal(ours(**x), ours(**x))  # eval: deterministic
+        ours.train()
+        torch.manual_seed(0)
+        noisy = ours(**x)
+        ours.eval()
+        assert rel_err(noisy, ours(**x)) > 10 * TOL  # training: dropout 0.1 active
+
+
+def test_memory_attention_bf16_autocast_matches_reference():
+    ref, ours = _memory_attention_pair(seed=13, num_layers=2)
+    x = _memory_inputs(torch.Generator().manual_seed(14), 9, 2, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_close_rel(ours(**x), ref(**x), 1e-2, "bf16 memory attention")
+
+
 def _mutated_rope_on_pointers(q, k, cos, sin, repeat_k=False, num_k_exclude=0):
     """Wrong rule: pointer tokens rotated as if they sat at the first grid positions."""
     q_out, k_out = _REAL_APPLY(q, k, cos, sin, repeat_k=repeat_k, num_k_exclude=num_k_exclude)
