@@ -1,0 +1,148 @@
+"""Mask post-processing without a compiled extension: 8-connected components, hole filling
+and sprinkle removal, on CPU and CUDA tensors alike.
+
+Connected components: label propagation with hooking and pointer jumping, entirely in
+vectorised torch ops (so one code path serves CPU and GPU and the batch runs at once).
+
+* Every foreground pixel starts as its own tree: ``parent[p] = p`` (flat index), background
+  holds -1. Invariant: ``parent[p]`` is always a pixel of ``p``'s component, and
+  ``parent[p] >= p``, so labels only grow and the loop terminates.
+* Each round: every pixel takes the largest label in its 3x3 neighbourhood (a separable
+  max filter: four shifted ``maximum`` ops) and hooks its root onto it with a
+  ``scatter_reduce(amax)``; then pointer jumping (``parent = parent[parent]``) flattens every
+  tree so that each pixel points at a root.
+* Done when every foreground pixel already holds its neighbourhood's largest label, i.e. all
+  8-neighbours agree. Labels are then constant on components and distinct between them (a
+  label is a pixel index, which lies in exactly one component).
+
+Hooking whole trees at once merges long chains in few rounds (a straight line needs one
+round plus log2(length) jumps); snake-like shapes need more rounds but far fewer than
+plain propagation, which advances one pixel per round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "connected_components",
+    "fill_holes_in_mask_scores",
+    "remove_sprinkles_in_mask_scores",
+    "postprocess_low_res_masks",
+]
+
+
+def _max3x3(lab: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) int64 -> max over each pixel's 3x3 window; outside the image counts as -1."""
+    p = F.pad(lab, (1, 1), value=-1)  # (B, H, W + 2)
+    rows = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
+    p = F.pad(rows, (0, 0, 1, 1), value=-1)  # (B, H + 2, W)
+    return torch.maximum(torch.maximum(p[:, :-2], p[:, 1:-1]), p[:, 2:])
+
+
+def _flatten_trees(parent: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """Pointer jumping until every foreground pixel points at a root. (B, HW) int64."""
+    while True:
+        hop = torch.where(fg, parent.gather(1, parent.clamp(min=0)), parent)
+        if torch.equal(hop, parent):
+            return parent
+        parent = hop
+
+
+def _component_roots(fg: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool -> (B, H*W) int64 flat index of each pixel's component root, -1 on
+    background."""
+    b, h, w = fg.shape
+    fg_flat = fg.reshape(b, h * w)
+    ids = torch.arange(h * w, device=fg.device, dtype=torch.int64).expand(b, h * w)
+    parent = torch.where(fg_flat, ids, torch.full_like(ids, -1)).contiguous()
+    while True:
+        best = _max3x3(parent.view(b, h, w)).reshape(b, h * w)
+        best = torch.where(fg_flat, best, parent)  # background stays -1
+        if torch.equal(best, parent):
+            return parent  # every pixel agrees with all its 8-neighbours
+        # Hook each root onto the largest label seen next to any pixel of its tree; the
+        # background scatters -1 onto itself, which amax ignores.
+        target = torch.where(fg_flat, parent, ids)
+        parent = parent.scatter_reduce(1, target, best, reduce="amax")
+        parent = _flatten_trees(parent, fg_flat)
+
+
+def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-connected components of a binary mask (foreground = nonzero / True).
+
+    ``mask``: (..., H, W), e.g. (N, 1, H, W) as in the reference. Returns ``(labels, areas)``
+    of the same shape, int32: ``labels`` is 0 on background and a positive id (shared by the
+    pixels of one component, distinct across components of one image) on foreground;
+    ``areas`` is the pixel count of the pixel's component (0 on background).
+    """
+    if mask.dim() < 2:
+        raise ValueError(f"mask must have at least 2 dims (..., H, W), got shape {tuple(mask.shape)}")
+    shape = mask.shape
+    h, w = shape[-2], shape[-1]
+    fg = (mask != 0).reshape(-1, h, w)  # (B, H, W)
+    b = fg.shape[0]
+    if fg.numel() == 0:
+        empty = torch.zeros(shape, dtype=torch.int32, device=mask.device)
+        return empty, empty.clone()
+    roots = _component_roots(fg)  # (B, HW)
+    fg_flat = fg.reshape(b, h * w)
+    # Count pixels per (image, root): one bincount over keys image * HW + root; background
+    # goes to an extra bin at the end.
+    offsets = torch.arange(b, device=mask.device, dtype=torch.int64)[:, None] * (h * w)
+    keys = torch.where(fg_flat, roots + offsets, torch.full_like(roots, b * h * w))
+    counts = torch.bincount(keys.reshape(-1), minlength=b * h * w + 1)
+    counts[-1] = 0
+    areas = counts[keys].to(torch.int32)
+    labels = (roots + 1).to(torch.int32)  # background: -1 + 1 = 0
+    return labels.reshape(shape), areas.reshape(shape)
+
+
+def _small_components(region: torch.Tensor, max_area: float) -> torch.Tensor:
+    labels, areas = connected_components(region)
+    return (labels > 0) & (areas <= max_area)
+
+
+def fill_holes_in_mask_scores(mask: torch.Tensor, max_area: float, threshold: float = 0.0,
+                              fill_value: float = 0.1) -> torch.Tensor:
+    """Turn small background regions into foreground.
+
+    Holes are 8-connected components of ``mask <= threshold`` with area <= ``max_area``
+    (including ones touching the border), set to ``fill_value`` (0.1 as the reference's
+    video predictor does). ``mask``: (N, 1, H, W) scores; returns a new tensor.
+    """
+    if not max_area > 0:
+        raise ValueError(f"max_area must be positive, got {max_area}")
+    is_hole = _small_components(mask <= threshold, max_area)
+    return torch.where(is_hole, fill_value, mask)
+
+
+def remove_sprinkles_in_mask_scores(mask: torch.Tensor, max_area: float, threshold: float = 0.0,
+                                    fill_value: float = -0.1) -> torch.Tensor:
+    """Turn small foreground specks (8-connected components of ``mask > threshold`` with
+    area <= ``max_area``) into background by setting them to ``fill_value``."""
+    if not max_area > 0:
+        raise ValueError(f"max_area must be positive, got {max_area}")
+    is_speck = _small_components(mask > threshold, max_area)
+    return torch.where(is_speck, fill_value, mask)
+
+
+def postprocess_low_res_masks(masks: torch.Tensor, threshold: float = 0.0,
+                              max_hole_area: float = 0.0,
+                              max_sprinkle_area: float = 0.0) -> torch.Tensor:
+    """The image predictor's clean-up of low-res mask logits (B, C, h, w), before upsampling.
+
+    Holes are filled with ``threshold + 10`` and specks set to ``threshold - 10``. Both are
+    found on the *input* masks (a hole merged into a speck does not rescue the speck), as
+    the reference does. A non-positive area disables that step.
+    """
+    masks = masks.float()
+    out = masks
+    if max_hole_area > 0:
+        is_hole = _small_components(masks <= threshold, max_hole_area)
+        out = torch.where(is_hole, threshold + 10.0, out)
+    if max_sprinkle_area > 0:
+        is_speck = _small_components(masks > threshold, max_sprinkle_area)
+        out = torch.where(is_speck, threshold - 10.0, out)
+    return out

@@ -1,0 +1,183 @@
+"""The image predictor's input and output transforms, without torchvision.
+
+Numerics follow the reference's ``SAM2Transforms`` step for step (it chains torchvision's
+``ToTensor``, tensor ``Resize`` and ``Normalize``):
+
+1. uint8 HWC -> float32 CHW, ``/ 255`` (a float32 division, as ``ToTensor`` does);
+2. ``F.interpolate(..., (S, S), mode="bilinear", align_corners=False, antialias=True)``:
+   exactly the call torchvision's tensor ``Resize`` makes (its default antialias is True);
+3. ``(x - mean) / std`` per channel in float32.
+
+Inputs the reference rejects or mangles are converted instead: grayscale is replicated to
+RGB and alpha is dropped (PIL images of any mode go through ``convert("RGB")``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sam2_fast.utils.masks import postprocess_low_res_masks
+
+__all__ = [
+    "ImageTransforms",
+    "SAM2Transforms",
+    "image_hw",
+    "image_to_uint8_chw",
+    "image_to_tensor",
+    "transform_coords",
+    "transform_boxes",
+    "upsample_masks",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_array(shape: tuple[int, ...], dtype: Any) -> None:
+    name = str(dtype).replace("torch.", "")
+    if name != "uint8":
+        raise ValueError(f"image must be uint8 (0..255), got dtype {name}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"image must be (H, W, 3) or (H, W), got shape {shape}")
+    if len(shape) == 3 and shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image must be HWC with 3 channels (1 and 4 are converted), got shape {shape}"
+        )
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"image is empty (shape {shape})")
+
+
+def image_hw(image: Any) -> tuple[int, int]:
+    """(H, W) of a PIL image or an HWC array / tensor."""
+    if isinstance(image, Image.Image):
+        return image.size[1], image.size[0]
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) < 2:
+        raise ValueError(f"image must be a PIL image or an HWC array, got {type(image).__name__}")
+    return int(shape[0]), int(shape[1])
+
+
+def image_to_uint8_chw(image: Any) -> torch.Tensor:
+    """PIL image, HWC uint8 numpy array or HWC uint8 torch tensor -> (3, H, W) uint8 tensor
+    (on the tensor's device for torch input, else CPU)."""
+    if isinstance(image, Image.Image):
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        _check_array(tuple(image.shape), image.dtype)
+        t = torch.from_numpy(np.ascontiguousarray(image))
+    elif isinstance(image, torch.Tensor):
+        _check_array(tuple(image.shape), image.dtype)
+        t = image
+    else:
+        raise ValueError(
+            f"image must be a PIL image or an HWC uint8 numpy array / tensor, got "
+            f"{type(image).__name__}"
+        )
+    if t.dim() == 2:
+        t = t[:, :, None]
+    if t.shape[2] == 1:
+        t = t.expand(-1, -1, 3)  # grayscale -> RGB
+    return t[:, :, :3].permute(2, 0, 1)  # RGBA -> RGB, (3, H, W)
+
+
+def image_to_tensor(image: Any, resolution: int, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """One image -> normalised (3, S, S) float32 model input.
+
+    ``device=None`` computes where the pixels are (CPU for PIL / numpy): bitwise the
+    reference. A CUDA device uploads the uint8 pixels first (4x less traffic); GPU
+    interpolation rounds differently, within ~1e-6.
+    """
+    u8 = image_to_uint8_chw(image)
+    if device is not None:
+        u8 = u8.to(device, non_blocking=True)
+    x = u8.contiguous().to(torch.float32).div(255)  # (3, H, W)
+    x = F.interpolate(x[None], size=(resolution, resolution), mode="bilinear",
+                      align_corners=False, antialias=True)[0]  # (3, S, S)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    return x.sub_(m).div_(s)
+
+
+def transform_coords(coords: torch.Tensor, resolution: int, normalize: bool = False,
+                     orig_hw: Sequence[int] | None = None) -> torch.Tensor:
+    """Point coordinates (..., 2) as (x, y) -> model input frame [0, S].
+
+    With ``normalize`` the coordinates are in pixels of an (H, W) = ``orig_hw`` image and
+    are first divided by (W, H); otherwise they are taken as already in [0, 1].
+    """
+    if coords.shape[-1] != 2:
+        raise ValueError(f"coords must end in a dimension of 2 (x, y), got shape {tuple(coords.shape)}")
+    if normalize:
+        if orig_hw is None:
+            raise ValueError("orig_hw (H, W) is needed to normalise pixel coordinates")
+        h, w = orig_hw
+        x = coords[..., 0] / w  # same two float ops as the reference, in the same order
+        y = coords[..., 1] / h
+        coords = torch.stack((x, y), dim=-1)
+    return coords * resolution
+
+
+def transform_boxes(boxes: torch.Tensor, resolution: int, normalize: bool = False,
+                    orig_hw: Sequence[int] | None = None) -> torch.Tensor:
+    """Boxes (..., 4) as (x0, y0, x1, y1) -> (B, 2, 2) corner points in the model frame."""
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must end in a dimension of 4 (x0, y0, x1, y1), got shape {tuple(boxes.shape)}")
+    return transform_coords(boxes.reshape(-1, 2, 2), resolution, normalize, orig_hw)
+
+
+def upsample_masks(masks: torch.Tensor, orig_hw: Sequence[int]) -> torch.Tensor:
+    """(B, C, h, w) mask logits -> (B, C, H, W) by bilinear interpolation."""
+    h, w = int(orig_hw[0]), int(orig_hw[1])
+    return F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
+
+
+class ImageTransforms:
+    """Drop-in for the reference's ``SAM2Transforms`` (same method names and results)."""
+
+    def __init__(self, resolution: int, mask_threshold: float = 0.0, max_hole_area: float = 0.0,
+                 max_sprinkle_area: float = 0.0, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD,
+                 device: torch.device | str | None = None) -> None:
+        self.resolution = int(resolution)
+        self.mask_threshold = float(mask_threshold)
+        self.max_hole_area = float(max_hole_area)
+        self.max_sprinkle_area = float(max_sprinkle_area)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.device = device  # where image preprocessing runs (None: where the pixels are)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        """(3, S, S) float32 model input."""
+        return image_to_tensor(image, self.resolution, self.mean, self.std, self.device)
+
+    def forward_batch(self, images: Sequence[Any]) -> torch.Tensor:
+        """(B, 3, S, S) from images of any sizes."""
+        if len(images) == 0:
+            raise ValueError("forward_batch needs at least one image")
+        return torch.stack([self(img) for img in images], dim=0)
+
+    def transform_coords(self, coords: torch.Tensor, normalize: bool = False,
+                         orig_hw: Sequence[int] | None = None) -> torch.Tensor:
+        return transform_coords(coords, self.resolution, normalize, orig_hw)
+
+    def transform_boxes(self, boxes: torch.Tensor, normalize: bool = False,
+                        orig_hw: Sequence[int] | None = None) -> torch.Tensor:
+        return transform_boxes(boxes, self.resolution, normalize, orig_hw)
+
+    def postprocess_masks(self, masks: torch.Tensor, orig_hw: Sequence[int]) -> torch.Tensor:
+        """Low-res logits (B, C, h, w) -> (B, C, H, W): small holes / specks cleaned at low
+        resolution (when enabled), then bilinear upsampling."""
+        cleaned = postprocess_low_res_masks(masks, self.mask_threshold, self.max_hole_area,
+                                            self.max_sprinkle_area)
+        return upsample_masks(cleaned, orig_hw)
+
+
+SAM2Transforms = ImageTransforms
