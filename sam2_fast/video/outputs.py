@@ -1,0 +1,136 @@
+"""Per-frame outputs: compact storage, merging objects on a frame, video-resolution masks.
+
+Functions here take the predictor (a ``SAM2Base``) as ``model`` and the
+:class:`~sam2_fast.video.state.VideoSession` as ``session``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sam2_fast.video.state import COND, NON_COND, FrameOutput, VideoSession
+
+# the score a missing / absent object gets everywhere (sigmoid of it is exactly 0)
+NO_OBJ_SCORE = -1024.0
+
+
+def resize_to_video(masks: Tensor, height: int, width: int) -> Tensor:
+    """Bilinear resize of mask logits (N, 1, h, w) -> (N, 1, height, width).
+
+    The one place video-resolution masks are produced (a fused kernel can replace it).
+    """
+    if masks.shape[-2:] == (height, width):
+        return masks
+    return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def resize_logits(masks: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear resize between the internal mask resolutions (low-res <-> model input)."""
+    return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+
+
+def fill_holes(masks: Tensor, max_area: int) -> Tensor:
+    """Turn small background islands (area <= max_area, 8-connected) into weak foreground."""
+    from sam2_fast.utils.masks import fill_holes_in_mask_scores
+
+    return fill_holes_in_mask_scores(masks, max_area)
+
+
+# ---------------------------------------------------------------------- image features
+def frame_features(model, session: VideoSession, frame_idx: int, batch_size: int) -> Tuple[Any, ...]:
+    """(image, backbone_out, vision_feats, vision_pos_embeds, feat_sizes) for one frame.
+
+    Only the last visited frame is cached: clicks on one frame reuse its backbone pass, and
+    tracking visits every frame once, so a bigger cache would only hold memory.
+    """
+    hit = session.cached_frame
+    if hit is not None and hit[0] == frame_idx:
+        image, backbone_out = hit[1], hit[2]
+    else:
+        image = session.images[frame_idx].to(session.device).float().unsqueeze(0)  # (1, 3, S, S)
+        backbone_out = model.forward_image(image)
+        session.cached_frame = (frame_idx, image, backbone_out)
+    # all objects of the frame share one backbone pass: broadcast along the batch
+    widened = {
+        "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
+        "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+    }
+    prepared = model._prepare_backbone_features(widened)
+    return (image.expand(batch_size, -1, -1, -1),) + tuple(prepared)
+
+
+# ---------------------------------------------------------------------- compact outputs
+def shared_pos_enc(session: VideoSession, pos_enc: Optional[List[Tensor]]) -> Optional[List[Tensor]]:
+    """The memory position encoding, stored once per session and expanded to the batch."""
+    if pos_enc is None:
+        return None
+    if session.maskmem_pos_enc is None:
+        session.maskmem_pos_enc = [p[:1].clone() for p in pos_enc]
+    batch = pos_enc[0].shape[0]
+    return [p.expand(batch, -1, -1, -1) for p in session.maskmem_pos_enc]
+
+
+def store_memory(session: VideoSession, features: Tensor) -> Tensor:
+    """Memories are kept in bfloat16 (as the official predictor does; parity needs the rounding)."""
+    return features.to(torch.bfloat16).to(session.storage_device, non_blocking=True)
+
+
+def compact_output(model, session: VideoSession, out: Dict[str, Any]) -> Tuple[FrameOutput, Tensor]:
+    """Keep what later frames need from ``track_step``'s output; also return the shown masks."""
+    feats = out["maskmem_features"]
+    if feats is not None:
+        feats = store_memory(session, feats)
+    masks = out["pred_masks"]  # (B, 1, S/4, S/4) on the compute device
+    if model.fill_hole_area > 0:
+        masks = fill_holes(masks, model.fill_hole_area)
+    kept: FrameOutput = {
+        "maskmem_features": feats,
+        "maskmem_pos_enc": shared_pos_enc(session, out["maskmem_pos_enc"]),
+        "pred_masks": masks.to(session.storage_device, non_blocking=True),
+        "obj_ptr": out["obj_ptr"],  # small: stays on the compute device
+        "object_score_logits": out["object_score_logits"],
+    }
+    return kept, masks
+
+
+# ---------------------------------------------------------------------- across objects
+def merge_objects_on_frame(model, session: VideoSession, frame_idx: int, is_cond: bool,
+                           at_video_res: bool = False) -> Tensor:
+    """Stack every object's latest mask on a frame into (num_objects, 1, h, w).
+
+    Objects without an output on this frame get the no-object score. Pending (just
+    prompted) outputs win over stored ones.
+    """
+    prefer = COND if is_cond else NON_COND
+    if at_video_res:
+        size = (session.video_height, session.video_width)
+    else:
+        size = (model.image_size // 4, model.image_size // 4)
+    merged = torch.full((session.num_objects, 1) + size, NO_OBJ_SCORE, dtype=torch.float32,
+                        device=session.storage_device)
+    for slot, obj in enumerate(session.objects):
+        out = obj.latest_output(frame_idx, prefer)
+        if out is None:
+            continue
+        masks = out["pred_masks"]
+        if masks.shape[-2:] != size:
+            masks = resize_logits(masks, size)
+        merged[slot : slot + 1] = masks
+    return merged
+
+
+def video_res_output(model, session: VideoSession, masks: Tensor) -> Tensor:
+    """Mask logits at the video's own resolution, optionally without overlaps between objects."""
+    masks = masks.to(session.device, non_blocking=True)
+    masks = resize_to_video(masks, session.video_height, session.video_width)
+    if model.non_overlap_masks:
+        masks = model._apply_non_overlapping_constraints(masks)
+    return masks
+
+
+def frame_has_pending_cond(session: VideoSession, frame_idx: int) -> bool:
+    return any(frame_idx in obj.pending[COND] for obj in session.objects)

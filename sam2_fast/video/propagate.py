@@ -1,0 +1,182 @@
+"""Tracking: one frame for one object, the pre-tracking merge of prompts, the frame loop.
+
+Memory selection itself (which past frames and pointers a frame attends to, and their
+temporal encodings) lives in ``SAM2Base.track_step``; this module decides which outputs
+exist and where they are stored.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sam2_fast.video import outputs as O
+from sam2_fast.video.state import COND, NON_COND, FrameOutput, ObjectTrack, PointPrompt, VideoSession
+
+
+def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is_init_cond_frame: bool,
+              point_inputs: Optional[PointPrompt], mask_inputs: Optional[Tensor], reverse: bool,
+              run_mem_encoder: bool, prev_sam_mask_logits: Optional[Tensor] = None) -> Tuple[FrameOutput, Tensor]:
+    """Segment one object on one frame from its prompts and memories.
+
+    Returns the compact output to store and the (1, 1, S/4, S/4) mask logits on the
+    compute device.
+    """
+    if point_inputs is not None and mask_inputs is not None:
+        raise ValueError("a frame takes either clicks or a mask for one object, not both")
+    _, _, feats, pos, sizes = O.frame_features(model, session, frame_idx, batch_size=1)
+    out = model.track_step(
+        frame_idx=frame_idx,
+        is_init_cond_frame=is_init_cond_frame,
+        current_vision_feats=feats,
+        current_vision_pos_embeds=pos,
+        feat_sizes=sizes,
+        point_inputs=point_inputs,
+        mask_inputs=mask_inputs,
+        output_dict=obj.outputs,
+        num_frames=session.num_frames,
+        track_in_reverse=reverse,
+        run_mem_encoder=run_mem_encoder,
+        prev_sam_mask_logits=prev_sam_mask_logits,
+    )
+    return O.compact_output(model, session, out)
+
+
+def encode_memory(model, session: VideoSession, frame_idx: int, masks_high_res: Tensor,
+                  object_score_logits: Tensor) -> Tuple[Tensor, List[Tensor]]:
+    """Memory of a prompted frame, encoded from its final (possibly edited) mask."""
+    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=1)
+    features, pos_enc = model._encode_new_memory(
+        current_vision_feats=feats,
+        feat_sizes=sizes,
+        pred_masks_high_res=masks_high_res,
+        object_score_logits=object_score_logits,
+        is_mask_from_pts=True,  # prompted frames: the user vouched for this mask
+    )
+    return O.store_memory(session, features), O.shared_pos_enc(session, pos_enc)
+
+
+def _clears_around_input(model, session: VideoSession) -> bool:
+    # stale neighbours are only dropped for single-object sessions unless asked for all
+    return bool(model.clear_non_cond_mem_around_input) and (
+        bool(model.clear_non_cond_mem_for_multi_obj) or session.num_objects <= 1)
+
+
+def clear_non_cond_around(model, obj: ObjectTrack, frame_idx: int) -> None:
+    """Forget tracked (non-conditioning) memories within reach of a newly prompted frame."""
+    reach = model.memory_temporal_stride_for_eval * model.num_maskmem
+    table = obj.outputs[NON_COND]
+    for t in range(frame_idx - reach, frame_idx + reach + 1):
+        table.pop(t, None)
+
+
+def preflight(model, session: VideoSession) -> None:
+    """Encode memories of newly prompted frames and move them into the tracked outputs."""
+    if session.num_objects == 0:
+        raise RuntimeError("No input points or masks are provided for any object; please add inputs "
+                           "first (add_new_points_or_box or add_new_mask).")
+    # check before changing anything so a failure leaves the session as it was
+    for obj in session.objects:
+        if not obj.outputs[COND] and not obj.pending[COND]:
+            raise RuntimeError(f"No input points or masks are provided for object id {obj.obj_id}; "
+                               f"please add inputs first.")
+    image_hw = (model.image_size, model.image_size)
+    clear = _clears_around_input(model, session)
+    for obj in session.objects:
+        for key in (NON_COND, COND):
+            for frame_idx, out in obj.pending[key].items():
+                if out["maskmem_features"] is None:
+                    high_res = O.resize_logits(out["pred_masks"].to(session.device), image_hw)
+                    feats, pos_enc = encode_memory(model, session, frame_idx, high_res,
+                                                   out["object_score_logits"])
+                    out["maskmem_features"] = feats
+                    out["maskmem_pos_enc"] = pos_enc
+                obj.outputs[key][frame_idx] = out
+                if clear:
+                    clear_non_cond_around(model, obj, frame_idx)
+            obj.pending[key].clear()
+        # a frame that became conditioning must not also count as a tracked memory
+        for frame_idx in obj.outputs[COND]:
+            obj.outputs[NON_COND].pop(frame_idx, None)
+
+
+def frame_order(session: VideoSession, start_frame_idx: Optional[int], max_frame_num_to_track: Optional[int],
+                reverse: bool) -> range:
+    """Frames visited by one propagation call, in visiting order."""
+    n = session.num_frames
+    if start_frame_idx is None:
+        # the earliest prompted frame of any object
+        start_frame_idx = min(t for obj in session.objects for t in obj.outputs[COND])
+    if max_frame_num_to_track is None:
+        max_frame_num_to_track = n
+    if reverse:
+        stop = max(start_frame_idx - max_frame_num_to_track, 0)
+        # starting on frame 0 there is nothing before it to track
+        return range(start_frame_idx, stop - 1, -1) if start_frame_idx > 0 else range(0)
+    stop = min(start_frame_idx + max_frame_num_to_track, n - 1)
+    return range(start_frame_idx, stop + 1)
+
+
+def reach_window(model) -> int:
+    """How many frames back forward tracking can still read memories or pointers from."""
+    spatial = model.memory_temporal_stride_for_eval * model.num_maskmem + 1
+    pointers = model.max_obj_ptrs_in_encoder if model.use_obj_ptrs_in_encoder else 0
+    return max(spatial, pointers)
+
+
+def drop_unreachable(model, session: VideoSession, frame_idx: int) -> None:
+    """keep_outputs="reachable": forget tracked outputs forward tracking can no longer use.
+
+    Only non-conditioning outputs older than the memory / pointer windows go; prompted
+    frames are kept (every later frame attends to them).
+    """
+    horizon = frame_idx - reach_window(model)
+    for obj in session.objects:
+        table = obj.outputs[NON_COND]
+        stale = [t for t in table if t < horizon]
+        for t in stale:
+            del table[t]
+        for t in [t for t in obj.tracked if t < horizon and t not in obj.outputs[COND]]:
+            del obj.tracked[t]
+
+
+def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = None,
+              max_frame_num_to_track: Optional[int] = None, reverse: bool = False,
+              progress: bool = True) -> Iterator[Tuple[int, List, Tensor]]:
+    """Track every object through the video, yielding (frame_idx, obj_ids, video_res_masks)."""
+    preflight(model, session)
+    if start_frame_idx is not None:
+        from sam2_fast.video.prompts import check_frame_idx
+
+        start_frame_idx = check_frame_idx(session, start_frame_idx)
+    if max_frame_num_to_track is not None and int(max_frame_num_to_track) < 0:
+        raise ValueError(f"max_frame_num_to_track must be >= 0, got {max_frame_num_to_track}")
+    obj_ids = session.obj_ids
+    order = frame_order(session, start_frame_idx, max_frame_num_to_track, reverse)
+    prune = session.keep_outputs == "reachable" and not reverse
+    clear = _clears_around_input(model, session)
+    for frame_idx in tqdm(order, desc="propagate in video", disable=not progress):
+        per_obj: List[Tensor] = []
+        for obj in session.objects:
+            prompted = obj.outputs[COND].get(frame_idx)
+            if prompted is not None:
+                # prompted frames already hold their final output (objects may differ in
+                # their number of clicks, so they are not re-run)
+                masks = prompted["pred_masks"].to(session.device, non_blocking=True)
+                if clear:
+                    clear_non_cond_around(model, obj, frame_idx)
+            else:
+                out, masks = run_frame(model, session, obj, frame_idx, is_init_cond_frame=False,
+                                       point_inputs=None, mask_inputs=None, reverse=reverse,
+                                       run_mem_encoder=True)
+                obj.outputs[NON_COND][frame_idx] = out
+            obj.tracked[frame_idx] = {"reverse": reverse}
+            per_obj.append(masks)
+        stacked = per_obj[0] if len(per_obj) == 1 else torch.cat(per_obj, dim=0)  # (num_obj, 1, h, w)
+        video_masks = O.video_res_output(model, session, stacked)
+        if prune:
+            drop_unreachable(model, session, frame_idx + 1)
+        yield frame_idx, obj_ids, video_masks
