@@ -120,6 +120,11 @@ def test_memory_attention_list_inputs_and_errors():
         r = ref(**x)
         o = ours(**dict(x, curr=[x["curr"]], curr_pos=[x["curr_pos"]]))
     assert_close_rel(o, r, TOL)
+    # a bf16 memory bank is upcast exactly (the reference needs it upcast by hand)
+    bank = dict(x, memory=x["memory"].bfloat16(), memory_pos=x["memory_pos"].bfloat16())
+    with torch.no_grad():
+        r16 = ref(**dict(bank, memory=bank["memory"].float(), memory_pos=bank["memory_pos"].float()))
+        assert_close_rel(ours(**bank), r16, TOL, "bf16 bank")
     with pytest.raises(ValueError, match="batch"):
         ours(x["curr"], x["memory"][:, :1], x["curr_pos"], x["memory_pos"][:, :1])
     with pytest.raises(ValueError, match="whole number"):  # pointer count not declared

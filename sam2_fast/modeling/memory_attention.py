@@ -120,8 +120,14 @@ class MemoryAttention(nn.Module):
         # sequence-first -> batch-first for the layers
         x = x.transpose(0, 1)  # (B, HW, C)
         query_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
-        mem = memory.transpose(0, 1)  # (B, M, mem_dim)
-        mem_pos = None if memory_pos is None else memory_pos.transpose(0, 1)
+        # memories may be stored narrower (bf16 banks) than the queries: upcast them (exact),
+        # which is what the official model gets whenever fp32 object pointers are concatenated
+        # to them; never downcast (that would round before the position encoding is added)
+        def widen(t: Tensor) -> Tensor:
+            return t.transpose(0, 1).to(torch.promote_types(t.dtype, x.dtype))
+
+        mem = widen(memory)  # (B, M, mem_dim)
+        mem_pos = None if memory_pos is None else widen(memory_pos)
         for layer in self.layers:
             x = layer(x, mem, pos=mem_pos, query_pos=query_pos, num_k_exclude_rope=num_obj_ptr_tokens)
         return self.norm(x).transpose(0, 1)  # (HW, B, C)

@@ -21,6 +21,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from sam2_fast.modeling import transformer as _tf
 from sam2_fast.modeling.transformer import Attention
 
 
@@ -88,6 +89,17 @@ def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: b
     return q_out, torch.cat([k_rot, k[..., n_rot:, :]], dim=-2)
 
 
+def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
+                        repeat_k: bool = False, num_k_exclude: int = 0, dropout_p: float = 0.0) -> Tensor:
+    """Rotate then attend: the seam where a fused RoPE-attention kernel can take over.
+
+    q (B, h, Nq, D), k (B, h, Nk, D), v (B, h, Nk, Dv): projected, NOT yet rotated;
+    cos/sin (Nq, D/2) float32 tables of the query grid. Returns (B, h, Nq, Dv).
+    """
+    q, k = apply_axial_rope(q, k, cos, sin, repeat_k=repeat_k, num_k_exclude=num_k_exclude)
+    return _tf.attention_core(q, k, v, dropout_p=dropout_p)
+
+
 class RoPEAttention(Attention):
     """:class:`Attention` with axial RoPE on queries and (grid) keys.
 
@@ -120,6 +132,6 @@ class RoPEAttention(Attention):
         """q: (B, Nq, C); k, v: (B, Nk, kv_in_dim); the last ``num_k_exclude_rope`` keys skip RoPE."""
         qh, kh, vh = self._project(q, k, v)  # (B, heads, N, D)
         cos, sin = self.rope_table(qh.shape[-2], qh.device)
-        qh, kh = apply_axial_rope(qh, kh, cos, sin, repeat_k=self.rope_k_repeat,
-                                  num_k_exclude=num_k_exclude_rope)
-        return self._attend_and_merge(qh, kh, vh)
+        out = rope_attention_core(qh, kh, vh, cos, sin, repeat_k=self.rope_k_repeat,
+                                  num_k_exclude=num_k_exclude_rope, dropout_p=self.active_dropout)
+        return self._merge(out)

@@ -76,16 +76,19 @@ class Attention(nn.Module):
                 f"keys/values have {k.shape[-1]}/{v.shape[-1]} channels, expected {self.kv_in_dim}")
         return self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
 
-    def _attend_and_merge(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        drop = self.dropout_p if self.training else 0.0
-        out = attention_core(q, k, v, dropout_p=drop)  # (B, heads, Nq, D)
-        b, _, n, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, n, self.internal_dim)  # (B, Nq, heads*D)
-        return self.out_proj(out)
+    @property
+    def active_dropout(self) -> float:
+        return self.dropout_p if self.training else 0.0
+
+    def _merge(self, heads: Tensor) -> Tensor:
+        # (B, heads, Nq, D) -> (B, Nq, heads*D) -> out_proj -> (B, Nq, C)
+        b, _, n, _ = heads.shape
+        return self.out_proj(heads.transpose(1, 2).reshape(b, n, self.internal_dim))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, kv_in_dim) -> (B, Nq, C)."""
-        return self._attend_and_merge(*self._project(q, k, v))
+        qh, kh, vh = self._project(q, k, v)
+        return self._merge(attention_core(qh, kh, vh, dropout_p=self.active_dropout))
 
 
 class TwoWayAttentionBlock(nn.Module):
