@@ -103,8 +103,9 @@ def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
 class RoPEAttention(Attention):
     """:class:`Attention` with axial RoPE on queries and (grid) keys.
 
-    ``feat_sizes`` only seeds the table cache; the grid is re-derived from the number of
-    queries, which must form a square feature map (as in the official model).
+    ``feat_sizes`` is kept for config fidelity only: tables are built lazily (and cached per
+    grid and device) from the number of queries, which must form a square feature map, as
+    the official model assumes when it rebuilds its table for another resolution.
     """
 
     def __init__(self, *args, rope_theta: float = 10000.0, rope_k_repeat: bool = False,
