@@ -1,0 +1,192 @@
+"""The drop-in ``SAM2ImagePredictor``: embed an image once, then answer many prompts.
+
+Same constructor, methods and return types as ``sam2.sam2_image_predictor``. Prompts are
+checked in ``sam2_fast.image_prompts`` (clear errors instead of deep torch tracebacks) and
+the image embedding is kept as a small typed ``ImageFeatures`` record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .image_prompts import Prompts, PromptError, check_box, check_mask, check_points
+from .utils import transforms as T
+
+
+@dataclass
+class ImageFeatures:
+    """Backbone features of the images set on the predictor."""
+
+    image_embed: torch.Tensor  # (B, C, H/16, W/16), no-memory embedding already added
+    high_res_feats: List[torch.Tensor]  # [(B, C/8, H/4, W/4), (B, C/4, H/8, W/8)]
+    orig_hw: List[Tuple[int, int]]  # original (H, W) of each image
+
+    def __getitem__(self, key: str):  # the official predictor exposes a dict; keep that access
+        return getattr(self, key)
+
+
+class SAM2ImagePredictor:
+    def __init__(self, sam_model, mask_threshold: float = 0.0, max_hole_area: float = 0.0,
+                 max_sprinkle_area: float = 0.0, **kwargs) -> None:
+        self.model = sam_model
+        self.mask_threshold = mask_threshold
+        self._transforms = T.SAM2Transforms(
+            resolution=self.model.image_size, mask_threshold=mask_threshold,
+            max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area,
+        )
+        # (H, W) of the three backbone levels, highest resolution first; derived from the
+        # model's input size so any image_size works (the official predictor hard-codes 1024's)
+        s = self.model.image_size
+        self._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        self._state: Optional[ImageFeatures] = None
+        self._is_batch = False
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, **kwargs) -> "SAM2ImagePredictor":
+        from .build_sam import build_sam2_hf
+
+        return cls(build_sam2_hf(model_id, **kwargs), **kwargs)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def _is_image_set(self) -> bool:
+        return self._state is not None
+
+    @property
+    def _features(self) -> Optional[ImageFeatures]:
+        return self._state
+
+    @property
+    def _orig_hw(self) -> Optional[List[Tuple[int, int]]]:
+        return None if self._state is None else self._state.orig_hw
+
+    def reset_predictor(self) -> None:
+        self._state = None
+        self._is_batch = False
+
+    # ------------------------------------------------------------------ embedding
+    @torch.no_grad()
+    def _embed(self, batch: torch.Tensor, orig_hw: List[Tuple[int, int]]) -> ImageFeatures:
+        # batch: (B, 3, S, S) normalised
+        backbone_out = self.model.forward_image(batch)
+        _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
+        # vision_feats: per level (H*W, B, C), highest resolution first
+        if self.model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(f.shape[1], f.shape[2], h, w)
+                for f, (h, w) in zip(vision_feats, self._bb_feat_sizes)]
+        return ImageFeatures(image_embed=maps[-1], high_res_feats=maps[:-1], orig_hw=orig_hw)
+
+    @torch.no_grad()
+    def set_image(self, image) -> None:
+        """Embed one image (HWC uint8 numpy in RGB, or a PIL image)."""
+        self.reset_predictor()
+        batch = self._transforms(image)[None].to(self.device)  # (1, 3, S, S); checks the image
+        self._state = self._embed(batch, [T.image_hw(image)])
+
+    @torch.no_grad()
+    def set_image_batch(self, image_list: Sequence[np.ndarray]) -> None:
+        """Embed several images (a list of HWC uint8 numpy arrays) for ``predict_batch``."""
+        self.reset_predictor()
+        if not isinstance(image_list, (list, tuple)) or len(image_list) == 0:
+            raise TypeError("set_image_batch expects a non-empty list of HWC uint8 images")
+        batch = self._transforms.forward_batch(image_list).to(self.device)  # (B, 3, S, S)
+        self._state = self._embed(batch, [T.image_hw(im) for im in image_list])
+        self._is_batch = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        if self._state is None:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self._state.image_embed
+
+    # ------------------------------------------------------------------ prompts
+    def _prep_prompts(self, point_coords, point_labels, box, mask_logits, normalize_coords,
+                      img_idx: int = -1) -> Prompts:
+        orig_hw = self._state.orig_hw[img_idx]
+        dev = self.device
+        coords = labels = boxes = mask = None
+        if point_coords is not None:
+            c, lab = check_points(point_coords, point_labels, orig_hw, normalize_coords)
+            coords = self._transforms.transform_coords(
+                torch.as_tensor(c, dtype=torch.float32, device=dev), normalize=normalize_coords, orig_hw=orig_hw)
+            labels = torch.as_tensor(lab, dtype=torch.int32, device=dev)
+        elif point_labels is not None:
+            raise PromptError("point_labels were given without point_coords")
+        if box is not None:
+            b = check_box(box, orig_hw, normalize_coords)
+            boxes = self._transforms.transform_boxes(
+                torch.as_tensor(b.reshape(-1, 4), dtype=torch.float32, device=dev), normalize=normalize_coords, orig_hw=orig_hw)
+        if mask_logits is not None:
+            low_res = self.model.sam_prompt_encoder.mask_input_size[0]
+            mask = torch.as_tensor(check_mask(mask_logits, low_res), dtype=torch.float32, device=dev)
+        return Prompts(coords=coords, labels=labels, boxes=boxes, mask=mask)
+
+    @torch.no_grad()
+    def _predict(self, prompts: Prompts, multimask_output: bool, return_logits: bool,
+                 img_idx: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        points = prompts.sparse_points()
+        sparse, dense = self.model.sam_prompt_encoder(points=points, boxes=None, masks=prompts.mask)
+        # several prompt sets on one image: the decoder repeats the image embedding per set
+        repeat = points is not None and points[0].shape[0] > 1
+        feats = self._state
+        low_res, iou, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=feats.image_embed[img_idx].unsqueeze(0),
+            image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            repeat_image=repeat,
+            high_res_features=[lvl[img_idx].unsqueeze(0) for lvl in feats.high_res_feats],
+        )
+        masks = self._transforms.postprocess_masks(low_res, feats.orig_hw[img_idx])
+        # logits are clamped for reuse as mask_input, as the official predictor does
+        low_res = low_res.clamp(-32.0, 32.0)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks, iou, low_res
+
+    @staticmethod
+    def _to_numpy(*tensors: torch.Tensor) -> Tuple[np.ndarray, ...]:
+        return tuple(t.squeeze(0).float().detach().cpu().numpy() for t in tensors)
+
+    def predict(self, point_coords: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+                box: Optional[np.ndarray] = None, mask_input: Optional[np.ndarray] = None,
+                multimask_output: bool = True, return_logits: bool = False, normalize_coords: bool = True,
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks (C, H, W), their predicted IoU (C,) and low-res logits (C, 256, 256) at 1024."""
+        if self._state is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if self._is_batch and len(self._state.orig_hw) > 1:
+            raise RuntimeError("several images are set with set_image_batch: use predict_batch")
+        prompts = self._prep_prompts(point_coords, point_labels, box, mask_input, normalize_coords)
+        return self._to_numpy(*self._predict(prompts, multimask_output, return_logits))
+
+    def predict_batch(self, point_coords_batch=None, point_labels_batch=None, box_batch=None,
+                      mask_input_batch=None, multimask_output: bool = True, return_logits: bool = False,
+                      normalize_coords: bool = True):
+        """``predict`` for every image set by ``set_image_batch``; lists of per-image results."""
+        if self._state is None:
+            raise RuntimeError("An image must be set with .set_image_batch(...) before mask prediction.")
+        if not self._is_batch:
+            raise RuntimeError("predict_batch needs images set with set_image_batch(...)")
+        n = len(self._state.orig_hw)
+        per_image = []
+        for name, seq in (("point_coords_batch", point_coords_batch), ("point_labels_batch", point_labels_batch),
+                          ("box_batch", box_batch), ("mask_input_batch", mask_input_batch)):
+            if seq is not None and len(seq) != n:
+                raise PromptError(f"{name} has {len(seq)} entries but {n} images are set")
+            per_image.append(seq if seq is not None else [None] * n)
+        outs: Tuple[list, list, list] = ([], [], [])
+        for i, (pc, pl, bx, mi) in enumerate(zip(*per_image)):
+            prompts = self._prep_prompts(pc, pl, bx, mi, normalize_coords, img_idx=i)
+            for acc, arr in zip(outs, self._to_numpy(*self._predict(prompts, multimask_output, return_logits, i))):
+                acc.append(arr)
+        return outs
