@@ -21,7 +21,7 @@ keeps every normalised frame resident instead, as the reference does.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -199,9 +199,9 @@ class LazyFrames(FrameSource):
         steps = (self._cursor + k * self._step for k in range(1, self.prefetch + 1))
         return [i for i in steps if 0 <= i < n]
 
-    def _in_window(self, i: int) -> bool:
+    def _in_window(self, i: int, reach: int) -> bool:
         d = (i - self._cursor) * self._step
-        return 0 <= d <= self.prefetch
+        return 0 <= d <= reach
 
     def _store(self, frames: dict[int, torch.Tensor]) -> None:
         """Insert frames and evict down to ``cache_size`` (call with the cv held)."""
@@ -236,12 +236,16 @@ class LazyFrames(FrameSource):
                         self._store(got)
         return self._normalize(frame)
 
-    def _keep_predicate(self):
-        cursor, step, prefetch, cache = self._cursor, self._step, self.prefetch, self._cache
+    def _keep_predicate(self) -> Callable[[int], bool]:
+        """Which frames decoded on the way to a target are worth resizing and keeping: the
+        ones just ahead in the direction of travel (a reverse walk through a GOP), as many
+        as the cache can hold next to the current frame (call with the cv held)."""
+        cursor, step, cache = self._cursor, self._step, self._cache
+        reach = max(self.prefetch, self.cache_size - 1)
 
-        def keep(j: int) -> bool:  # frames decoded on the way that the window will want
+        def keep(j: int) -> bool:
             d = (j - cursor) * step
-            return 0 < d <= prefetch and j not in cache
+            return 0 < d <= reach and j not in cache
         return keep
 
     def _prefetch_loop(self) -> None:
@@ -259,7 +263,7 @@ class LazyFrames(FrameSource):
                 if self._closed:
                     return
                 with self._cv:
-                    if target in self._cache or not self._in_window(target):
+                    if target in self._cache or not self._in_window(target, self.prefetch):
                         continue
                 try:
                     got = self._decode_resized(target, keep)
@@ -268,7 +272,8 @@ class LazyFrames(FrameSource):
                         self._failed.add(target)  # the caller will decode it and raise
                     continue
             with self._cv:
-                self._store({i: f for i, f in got.items() if self._in_window(i)})
+                reach = max(self.prefetch, self.cache_size - 1)
+                self._store({i: f for i, f in got.items() if self._in_window(i, reach)})
 
     def _stop_workers(self) -> None:
         with self._cv:
