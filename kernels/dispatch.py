@@ -1,0 +1,275 @@
+"""What the model calls: one dispatcher per kernel, Triton on CUDA, PyTorch elsewhere.
+
+Public functions (tensor contracts in each docstring and in the kernel modules):
+    window_attention(qkv, qkv_bias, num_heads, window, q_pool) -> (B, H', W', C)
+    memory_cross_attention(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin,
+                           rope_k=True) -> (B, Nq, D)
+    rope_self_attention(q, k, v, rope_cos, rope_sin) -> (B, N, D)
+    upsample_masks(logits, size, threshold=0.0, want_logits=False) -> (mask, logits | None)
+    rope_tables(head_dim, end_x, end_y, theta=10000.0, device=None) -> (cos, sin)
+
+Switches (read when a call is traced/run):
+    SAM2_FAST_DISABLE_KERNELS=1         every dispatcher uses the PyTorch path
+    SAM2_FAST_DISABLE_WINDOW_ATTN=1     only window_attention
+    SAM2_FAST_DISABLE_MEMORY_ATTN=1     memory_cross_attention and rope_self_attention
+    SAM2_FAST_DISABLE_MASK_UPSAMPLE=1   only upsample_masks
+    SAM2_FAST_FORCE_KERNELS=1 / ``with force_kernels():``  use Triton on CPU tensors too;
+                                        needs TRITON_INTERPRET=1 at process start (tests)
+    SAM2_FAST_FLASH_ATTN=1              global (window 0) Hiera blocks in fp16/bf16 on CUDA go
+                                        through flash-attn when it is installed (optional)
+``launch_counts()`` tells which kernels ran (custom-op executions, so compiled graphs count
+too) and ``fallback_counts()`` why an enabled kernel handed a call to PyTorch.
+
+Each Triton path is a ``torch.library`` custom op (namespace ``sam2_fast``) with a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces through it; the PyTorch paths
+are plain tensor code that the compiler sees directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import mask_upsample as _mu
+from . import memory_attention as _ma
+from . import window_attention as _wa
+from ._common import interpreting
+
+rope_tables = _ma.rope_tables
+
+_ENV_ALL = "SAM2_FAST_DISABLE_KERNELS"
+_ENV_ONE = {
+    "window_attention": "SAM2_FAST_DISABLE_WINDOW_ATTN",
+    "memory_attention": "SAM2_FAST_DISABLE_MEMORY_ATTN",
+    "mask_upsample": "SAM2_FAST_DISABLE_MASK_UPSAMPLE",
+}
+_ENV_FORCE = "SAM2_FAST_FORCE_KERNELS"
+_ENV_FLASH = "SAM2_FAST_FLASH_ATTN"
+
+_LAUNCHES: collections.Counter = collections.Counter()
+_FALLBACKS: collections.Counter = collections.Counter()
+_FORCE_DEPTH = [0]
+
+
+def launch_counts() -> dict:
+    """{kernel name: times it ran} since the last reset."""
+    return dict(_LAUNCHES)
+
+
+def fallback_counts() -> dict:
+    """{"kernel: reason": times an enabled kernel declined a call}."""
+    return dict(_FALLBACKS)
+
+
+def reset_launch_counts() -> None:
+    _LAUNCHES.clear()
+    _FALLBACKS.clear()
+
+
+@contextlib.contextmanager
+def force_kernels():
+    """Use the Triton kernels on CPU tensors too (under TRITON_INTERPRET=1)."""
+    _FORCE_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _FORCE_DEPTH[0] -= 1
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@torch.compiler.assume_constant_result
+def _use_triton(kernel: str, device_type: str) -> bool:
+    """The backend policy for one kernel on one device type (constant for a compiled graph)."""
+    if _flag(_ENV_ALL) or _flag(_ENV_ONE[kernel]):
+        return False
+    if device_type == "cuda":
+        return True
+    if _FORCE_DEPTH[0] > 0 or _flag(_ENV_FORCE):
+        if not interpreting():
+            raise RuntimeError(
+                f"{_ENV_FORCE}/force_kernels() on {device_type} tensors needs TRITON_INTERPRET=1 "
+                "set before triton is imported")
+        return True
+    return False
+
+
+def _declined(kernel: str, reason: Optional[str]) -> bool:
+    if reason is None:
+        return False
+    if not torch.compiler.is_compiling():
+        _FALLBACKS[f"{kernel}: {reason}"] += 1
+    return True
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("sam2_fast::window_attention", mutates_args=())
+def _window_attention_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                         window: int, q_pool: bool) -> torch.Tensor:
+    _LAUNCHES["window_attention"] += 1
+    return _wa.window_attention_triton(qkv, qkv_bias, num_heads, window, q_pool)
+
+
+@_window_attention_op.register_fake
+def _(qkv, qkv_bias, num_heads, window, q_pool):
+    return qkv.new_empty(_wa.output_shape(qkv, window, q_pool))
+
+
+@torch.library.custom_op("sam2_fast::memory_attention", mutates_args=())
+def _memory_attention_op(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                         slot_ids: torch.Tensor, ptr_k: Optional[torch.Tensor],
+                         ptr_v: Optional[torch.Tensor], rope_cos: Optional[torch.Tensor],
+                         rope_sin: Optional[torch.Tensor], rope_k: bool) -> torch.Tensor:
+    _LAUNCHES["memory_attention"] += 1
+    return _ma.memory_attention_triton(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin,
+                                       rope_k=rope_k)
+
+
+@_memory_attention_op.register_fake
+def _(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin, rope_k):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sam2_fast::rope_self_attention", mutates_args=())
+def _rope_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    _LAUNCHES["rope_self_attention"] += 1
+    slot = torch.zeros(1, dtype=torch.int32, device=q.device)
+    return _ma.memory_attention_triton(q, k.unsqueeze(1), v.unsqueeze(1), slot,
+                                       rope_cos=rope_cos, rope_sin=rope_sin)
+
+
+@_rope_self_attention_op.register_fake
+def _(q, k, v, rope_cos, rope_sin):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sam2_fast::upsample_masks", mutates_args=())
+def _upsample_masks_op(logits: torch.Tensor, height: int, width: int, threshold: float,
+                       want_logits: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    _LAUNCHES["mask_upsample"] += 1
+    mask, big = _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits)
+    return mask, (big if big is not None else logits.new_empty(0))
+
+
+@_upsample_masks_op.register_fake
+def _(logits, height, width, threshold, want_logits):
+    n, c = logits.shape[:2]
+    mask = logits.new_empty((n, c, height, width), dtype=torch.bool)
+    big = logits.new_empty((n, c, height, width) if want_logits else (0,))
+    return mask, big
+
+
+# ----------------------------------------------------------------------------- dispatchers
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # optional dependency
+    except Exception:
+        return None
+    return flash_attn_func
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func() is not None
+
+
+def _window_attention_flash(qkv, num_heads, q_pool):
+    """Global block through flash-attn: (B, H, W, 3C) -> (B, H', W', C)."""
+    b, h, w, c3 = qkv.shape
+    q, k, v = qkv.reshape(b, h * w, 3, num_heads, -1).unbind(2)  # (B, N, heads, hd)
+    hq, wq = h, w
+    if q_pool:
+        grid = q.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.max_pool2d(grid, _wa.Q_POOL_STRIDE, _wa.Q_POOL_STRIDE)
+        hq, wq = grid.shape[-2:]
+        q = grid.permute(0, 2, 3, 1).reshape(b, hq * wq, num_heads, -1)
+    _LAUNCHES["flash_window_attention"] += 1
+    return _flash_attn_func()(q, k, v).reshape(b, hq, wq, c3 // 3)
+
+
+def window_attention(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                     window: int, q_pool: bool) -> torch.Tensor:
+    """Attention core of one Hiera ``MultiScaleBlock`` (replaces partition/pad/SDPA/unpartition).
+
+    qkv: (B, H, W, 3*C) = ``blk.attn.qkv(blk.norm1(x))`` on the unpadded map (any float dtype,
+    channels contiguous). qkv_bias: ``blk.attn.qkv.bias`` (3*C,) — the k/v of zero-padded tokens
+    of ragged windows. num_heads: ``blk.attn.num_heads``. window: ``blk.window_size`` (0 =
+    global). q_pool: ``blk.pool is not None`` (2x2 query max-pool at a stage transition).
+    Returns (B, H', W', C) before ``blk.attn.proj``; H', W' = H//2, W//2 when q_pool.
+    """
+    if (window == 0 and _flag(_ENV_FLASH) and qkv.is_cuda and qkv.dtype != torch.float32
+            and flash_attn_available()):
+        return _window_attention_flash(qkv, num_heads, q_pool)
+    if _use_triton("window_attention", qkv.device.type) and not _declined(
+            "window_attention", _wa.unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool)):
+        return torch.ops.sam2_fast.window_attention(qkv, qkv_bias, num_heads, window, q_pool)
+    return _wa.window_attention_reference(qkv, qkv_bias, num_heads, window, q_pool)
+
+
+def memory_cross_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                           slot_ids: torch.Tensor, ptr_k: Optional[torch.Tensor] = None,
+                           ptr_v: Optional[torch.Tensor] = None,
+                           rope_cos: Optional[torch.Tensor] = None,
+                           rope_sin: Optional[torch.Tensor] = None,
+                           rope_k: bool = True) -> torch.Tensor:
+    """Cross-attention of a memory-attention layer to the memory bank (one head).
+
+    q: (B, Nq, D) = ``cross_attn.q_proj(tgt2 + query_pos)`` (not rotated).
+    mem_k / mem_v: (B, S_max, HW, D) slot banks of ``k_proj(memory + pos)`` / ``v_proj(memory)``
+    per memory frame (HW == Nq); slot_ids: (S,) int32 tensor of the slots to attend, any order.
+    ptr_k / ptr_v: (B, P, D) projected object-pointer tokens (no RoPE), or None.
+    rope_cos / rope_sin: (Nq, D/2) fp32 from ``rope_tables(D, feat_w, feat_h, theta)`` — build
+    once per resolution; None disables RoPE. rope_k=False: mem_k holds keys already rotated.
+    Returns (B, Nq, D) before ``out_proj``.
+    """
+    args = (q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin)
+    if _use_triton("memory_attention", q.device.type) and not _declined(
+            "memory_attention", _ma.unsupported_reason(*args)):
+        return torch.ops.sam2_fast.memory_attention(*args, rope_k)
+    return _ma.memory_attention_reference(*args, rope_k=rope_k)
+
+
+def rope_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    """Self-attention of a memory-attention layer: RoPE on q and k, one head.
+
+    q, k, v: (B, N, D) = ``self_attn.{q,k,v}_proj(...)`` (not rotated); rope_cos / rope_sin:
+    (N, D/2) fp32 from ``rope_tables``. Returns (B, N, D) before ``out_proj``.
+    """
+    slot = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"rope_self_attention: q, k, v must share one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    bank_k, bank_v = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, N, D): one slot
+    if _use_triton("memory_attention", q.device.type) and not _declined(
+            "rope_self_attention",
+            _ma.unsupported_reason(q, bank_k, bank_v, slot, None, None, rope_cos, rope_sin)):
+        return torch.ops.sam2_fast.rope_self_attention(q, k, v, rope_cos, rope_sin)
+    return _ma.memory_attention_reference(q, bank_k, bank_v, slot, rope_cos=rope_cos, rope_sin=rope_sin)
+
+
+def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,
+                   want_logits: bool = False):
+    """Resize mask logits to the frame size and threshold them, all objects at once.
+
+    logits: (N, C, h, w) low-res logits (e.g. ``low_res_masks`` (num_objects, 1, 256, 256)).
+    size: (H, W) of the video frame. Returns (mask (N, C, H, W) bool = resized > threshold,
+    resized logits in the input dtype when want_logits else None) — the same as
+    ``F.interpolate(logits, size, mode="bilinear", align_corners=False)`` then ``> threshold``.
+    """
+    if _use_triton("mask_upsample", logits.device.type) and not _declined(
+            "mask_upsample", _mu.unsupported_reason(logits, size)):
+        mask, big = torch.ops.sam2_fast.upsample_masks(logits, int(size[0]), int(size[1]),
+                                                      float(threshold), want_logits)
+        return mask, (big if want_logits else None)
+    return _mu.upsample_masks_reference(logits, size, threshold, want_logits)

@@ -1,0 +1,150 @@
+"""Dispatchers: switches, launch counter, fallbacks, custom ops under torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ktest_util import INTERPRETING, needs_interp, rel
+
+import sam2_fast.kernels as K
+from sam2_fast.kernels import dispatch
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(2, 10, 14, 3 * 16, generator=g)
+    bias = torch.randn(3 * 16, generator=g)
+    q = torch.randn(2, 16, 32, generator=g)
+    bank = torch.randn(2, 3, 16, 32, generator=g)
+    ptr = torch.randn(2, 8, 32, generator=g)
+    ids = torch.tensor([2, 0], dtype=torch.int32)
+    cos, sin = K.rope_tables(32, 4, 4)
+    logits = torch.randn(3, 1, 6, 7, generator=g) * 3
+    return qkv, bias, q, bank, ptr, ids, cos, sin, logits
+
+
+def _run_all(qkv, bias, q, bank, ptr, ids, cos, sin, logits):
+    a = K.window_attention(qkv, bias, 2, 4, True)
+    b = K.memory_cross_attention(q, bank, bank * 0.5, ids, ptr, ptr * 2, cos, sin)
+    c = K.rope_self_attention(q, q * 0.3, q.flip(1), cos, sin)
+    m, lg = K.upsample_masks(logits, (13, 17), 0.0, True)
+    return a, b, c, m, lg
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ["SAM2_FAST_DISABLE_KERNELS", "SAM2_FAST_FORCE_KERNELS", "SAM2_FAST_FLASH_ATTN",
+                 *dispatch._ENV_ONE.values()]:
+        monkeypatch.delenv(name, raising=False)
+    K.reset_launch_counts()
+    yield
+    K.reset_launch_counts()
+
+
+def test_cpu_default_is_reference_path():
+    outs = _run_all(*_inputs())
+    assert K.launch_counts() == {}
+    assert outs[0].shape == (2, 5, 7, 16) and outs[3].dtype == torch.bool
+
+
+def test_disable_all_beats_force(monkeypatch):
+    monkeypatch.setenv("SAM2_FAST_FORCE_KERNELS", "1")
+    monkeypatch.setenv("SAM2_FAST_DISABLE_KERNELS", "1")
+    _run_all(*_inputs())
+    assert K.launch_counts() == {}
+
+
+@pytest.mark.skipif(INTERPRETING, reason="checks the error raised without the interpreter")
+def test_force_without_interpreter_is_a_clear_error():
+    with K.force_kernels(), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _run_all(*_inputs())
+
+
+@pytest.mark.interp
+@needs_interp
+def test_forced_kernels_run_and_match_reference():
+    inputs = _inputs()
+    want = _run_all(*inputs)
+    with K.force_kernels():
+        got = _run_all(*inputs)
+    assert K.launch_counts() == {"window_attention": 1, "memory_attention": 1,
+                                 "rope_self_attention": 1, "mask_upsample": 1}
+    for g, w in zip(got, want):
+        if g.dtype == torch.bool:
+            assert torch.equal(g, w)
+        else:
+            assert rel(g, w) < 1e-5
+
+
+@pytest.mark.interp
+@needs_interp
+@pytest.mark.parametrize("env,off", [("SAM2_FAST_DISABLE_WINDOW_ATTN", {"window_attention"}),
+                                     ("SAM2_FAST_DISABLE_MEMORY_ATTN",
+                                      {"memory_attention", "rope_self_attention"}),
+                                     ("SAM2_FAST_DISABLE_MASK_UPSAMPLE", {"mask_upsample"})])
+def test_per_kernel_switch(monkeypatch, env, off):
+    monkeypatch.setenv(env, "1")
+    monkeypatch.setenv("SAM2_FAST_FORCE_KERNELS", "1")
+    _run_all(*_inputs())
+    ran = set(K.launch_counts())
+    assert ran == {"window_attention", "memory_attention", "rope_self_attention", "mask_upsample"} - off
+
+
+@pytest.mark.interp
+@needs_interp
+def test_unsupported_case_falls_back_with_a_named_reason():
+    q = torch.randn(1, 16, 24)  # head dim 24 is not a kernel head dim
+    bank = torch.randn(1, 2, 16, 24)
+    cos, sin = K.rope_tables(24, 4, 4)
+    with K.force_kernels():
+        out = K.memory_cross_attention(q, bank, bank, torch.tensor([1], dtype=torch.int32),
+                                       rope_cos=cos, rope_sin=sin)
+    assert out.shape == q.shape and "memory_attention" not in K.launch_counts()
+    assert any("head dim 24" in r for r in K.fallback_counts())
+
+
+def _compiled_matches(force: bool):
+    torch._dynamo.reset()
+    inputs = _inputs(1)
+    want = _run_all(*inputs)
+    fn = torch.compile(_run_all, fullgraph=True, backend="aot_eager")
+    ctx = K.force_kernels() if force else torch.no_grad()
+    with ctx:
+        got = fn(*inputs)
+    for g, w in zip(got, want):
+        if g.dtype == torch.bool:
+            assert torch.equal(g, w)
+        else:
+            assert rel(g, w) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_reference_path():
+    _compiled_matches(force=False)
+    assert K.launch_counts() == {}
+
+
+@pytest.mark.interp
+@needs_interp
+def test_compile_fullgraph_through_custom_ops():
+    _compiled_matches(force=True)
+    assert set(K.launch_counts()) == {"window_attention", "memory_attention",
+                                      "rope_self_attention", "mask_upsample"}
+
+
+def test_custom_op_fake_shapes():
+    qkv, bias, q, bank, ptr, ids, cos, sin, logits = _inputs()
+    torch.library.opcheck(torch.ops.sam2_fast.window_attention, (qkv, bias, 2, 4, True),
+                          test_utils=("test_schema", "test_faketensor")) if INTERPRETING else None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(qkv)
+        out = torch.ops.sam2_fast.window_attention(fq, mode.from_tensor(bias), 2, 4, True)
+        assert out.shape == (2, 5, 7, 16)
+        m, lg = torch.ops.sam2_fast.upsample_masks(mode.from_tensor(logits), 13, 17, 0.0, False)
+        assert m.shape == (3, 1, 13, 17) and m.dtype == torch.bool and lg.numel() == 0
+
+
+def test_flash_attn_is_optional():
+    assert isinstance(K.flash_attn_available(), bool)
