@@ -1,17 +1,7 @@
 """Triton kernels of sam2_fast (installed as ``sam2_fast.kernels``).
 
-Model code imports the dispatchers from here; see ``dispatch.py`` for the switches.
+Model code imports the dispatchers from ``sam2_fast.kernels.dispatch`` (``window_attention``,
+``memory_cross_attention``, ``rope_self_attention``, ``upsample_masks``, ``rope_tables``);
+the names are not re-exported here because ``sam2_fast.kernels.window_attention`` is the
+kernel module of the same name.
 """
-
-from .dispatch import (  # noqa: F401
-    fallback_counts,
-    flash_attn_available,
-    force_kernels,
-    launch_counts,
-    memory_cross_attention,
-    reset_launch_counts,
-    rope_self_attention,
-    rope_tables,
-    upsample_masks,
-    window_attention,
-)

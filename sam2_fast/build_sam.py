@@ -79,10 +79,7 @@ def _finish(model: torch.nn.Module, ckpt_path, cfg: SAM2Config, device, mode: st
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     load_checkpoint(model, ckpt_path, config_name=cfg.name)
-    model = model.to(device)
-    if mode == "eval":
-        model.eval()
-    return model
+    return model.to(device).train(mode == "train")
 
 
 def build_sam2(

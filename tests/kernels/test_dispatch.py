@@ -6,8 +6,8 @@ import pytest
 import torch
 from ktest_util import INTERPRETING, needs_interp, rel
 
-import sam2_fast.kernels as K
-from sam2_fast.kernels import dispatch
+from sam2_fast.kernels import dispatch as K
+dispatch = K
 
 
 def _inputs(seed=0):
