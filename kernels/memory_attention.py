@@ -41,7 +41,9 @@ from ._common import LaunchConfig, check_dtype, dot_precision, next_pow2, raise_
 
 LOG2E = 1.4426950408889634
 # Head dims the kernel takes: powers of two (so that D/2 halves tile exactly).
-HEAD_DIMS = (16, 32, 64, 128, 256)
+# 256: memory attention; 32 and 16: the mask decoder's per-head dims. Other dims fall back
+# to PyTorch (each one is a compiled variant the AOT check would have to cover).
+HEAD_DIMS = (16, 32, 256)
 # Programs to aim for per SM when choosing the number of KV splits.
 PROGRAMS_PER_SM = 2
 # A split should still stream at least this many key blocks (the merge pass costs one).
@@ -80,8 +82,8 @@ def _mem_attn_kernel(
     out_ptr, part_ptr, lse_ptr,
     s_qb, s_qt, s_mb, s_ms, s_mt, s_pb, s_pt, s_ob, s_ot,
     Nq, HW, S, P, n_splits, qk_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    rope_q, rope_k,                 # runtime flags (1/0): rotate queries / memory keys
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     pid_m = tl.program_id(0)
@@ -95,7 +97,7 @@ def _mem_attn_kernel(
     q_rows = q_ptr + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qt + 2 * offs_h[None, :]
     qe = tl.load(q_rows, mask=m_ok[:, None], other=0.0)
     qo = tl.load(q_rows + 1, mask=m_ok[:, None], other=0.0)
-    if ROPE_Q:
+    if rope_q:
         qe, qo = _rotate(qe, qo, cos_ptr, sin_ptr, offs_m, m_ok, HALF)
 
     # Key blocks: S slots of cdiv(HW, BLOCK_N) blocks each, then the pointer tokens.
@@ -118,7 +120,7 @@ def _mem_attn_kernel(
         ke = tl.load(mk_ptr + row + 2 * offs_h[None, :], mask=ok[:, None], other=0.0)
         ko = tl.load(mk_ptr + row + 2 * offs_h[None, :] + 1, mask=ok[:, None], other=0.0)
         v = tl.load(mv_ptr + row + offs_d[None, :], mask=ok[:, None], other=0.0)
-        if ROPE_K:
+        if rope_k:
             ke, ko = _rotate(ke, ko, cos_ptr, sin_ptr, tok, ok, HALF)
         m_i, l_i, acc = _online_update(qe, qo, ke, ko, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC)
     ptr_b = b.to(tl.int64) * s_pb
@@ -133,7 +135,7 @@ def _mem_attn_kernel(
 
     has = l_i > 0.0  # a split can own no key block at all
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    if SPLIT:
+    if n_splits > 1:
         row = (split * tl.num_programs(1) + b).to(tl.int64) * Nq + offs_m
         tl.store(part_ptr + row[:, None] * D + offs_d[None, :], o, mask=m_ok[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -265,11 +267,9 @@ def all_configs(head_dims=HEAD_DIMS, dtypes=(torch.float32, torch.float16, torch
     for dt in dtypes:
         for d in head_dims:
             cfg = pick_config(d, dt)
-            for rope_q, rope_k, split in ((True, True, False), (True, True, True),
-                                          (False, False, False), (False, False, True)):
-                out.append(("attn", dt, dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                             ROPE_Q=rope_q, ROPE_K=rope_k, SPLIT=split,
-                                             DOT_PREC=dot_precision(dt)), cfg))
+            # RoPE and split-KV are runtime flags: one variant per (dtype, head dim).
+            out.append(("attn", dt, dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                         DOT_PREC=dot_precision(dt)), cfg))
             out.append(("merge", dt, dict(D=d, BLOCK_M=MERGE_BLOCK_M), LaunchConfig(MERGE_BLOCK_M, 0, 4, 1)))
     return out
 
@@ -307,17 +307,20 @@ def memory_attention_triton(q, mem_k, mem_v, slot_ids, ptr_k=None, ptr_v=None,
         part = torch.empty((splits, b, nq, d), device=q.device, dtype=torch.float32)
         lse = torch.empty((splits, b, nq), device=q.device, dtype=torch.float32)
     else:
-        part = lse = out  # unused pointers
+        # Unused, but fp32 like the real ones so that one compiled variant serves all calls.
+        part = lse = torch.empty(1, device=q.device, dtype=torch.float32)
     pk, pv = (ptr_k, ptr_v) if ptr_k is not None else (q, q)
-    cos, sin = (rope_cos, rope_sin) if rope_cos is not None else (q, q)
+    if rope_cos is not None:
+        cos, sin = rope_cos, rope_sin
+    else:
+        cos = sin = torch.empty(1, device=q.device, dtype=torch.float32)
     _mem_attn_kernel[(n_qb, b, splits)](
         q, mem_k, mem_v, slot_ids, pk, pv, cos, sin, out, part, lse,
         q.stride(0), q.stride(1), mem_k.stride(0), mem_k.stride(1), mem_k.stride(2),
         pk.stride(0), pk.stride(1), out.stride(0), out.stride(1),
         nq, hw, slot_ids.numel(), n_ptr, splits, LOG2E / math.sqrt(d),
-        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        ROPE_Q=rope_cos is not None, ROPE_K=rope_cos is not None and rope_k,
-        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype),
+        int(rope_cos is not None), int(rope_cos is not None and rope_k),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

@@ -53,12 +53,11 @@ def _window_attn_kernel(
     WQH, WQW,                       # query window size
     n_win_x, n_win, num_heads, C,
     qk_scale,                       # softmax scale * log2(e)
+    pool,                           # 1: 2x2 max-pool the queries on load (runtime flag)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    POOL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -81,7 +80,7 @@ def _window_attn_kernel(
     qx = wx * WQW + offs_m % WQW
     q_ok = (offs_m < n_q) & (qy < HQ) & (qx < WQ)  # padded query rows are never stored
     q_mask = q_ok[:, None] & d_ok[None, :]
-    if POOL:
+    if pool:
         q = tl.full([BLOCK_M, BLOCK_D], float("-inf"), qkv_ptr.dtype.element_ty)
         for t in tl.static_range(4):
             py = 2 * qy + t // 2
@@ -93,14 +92,9 @@ def _window_attn_kernel(
         ptr = base + qy[:, None] * s_qkv_h + qx[:, None] * s_qkv_w + offs_d[None, :]
         q = tl.load(ptr, mask=q_mask, other=0.0)
 
-    if HAS_BIAS:
-        k_bias = tl.load(bias_ptr + C + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        v_bias = tl.load(bias_ptr + 2 * C + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        k_bias = k_bias.to(qkv_ptr.dtype.element_ty)
-        v_bias = v_bias.to(qkv_ptr.dtype.element_ty)
-    else:
-        k_bias = tl.zeros([BLOCK_D], qkv_ptr.dtype.element_ty)
-        v_bias = tl.zeros([BLOCK_D], qkv_ptr.dtype.element_ty)
+    # The launcher passes the bias in qkv's dtype (zeros when the projection has none).
+    k_bias = tl.load(bias_ptr + C + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    v_bias = tl.load(bias_ptr + 2 * C + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -206,19 +200,23 @@ def pick_config(n_q: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig(block_m, block_n, 4 if block_m <= 64 else 8, 2)
 
 
-def all_configs(head_dims, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
-    """Every (dtype, constexprs, LaunchConfig) the launcher can choose for these head dims."""
+# Query-window sizes of SAM 2's Hiera blocks: pooled 2x2 / 4x4, 7x7 / 8x8, 14x14, global.
+HIERA_WINDOW_QUERIES = (4, 16, 49, 64, 196, 4096)
+
+
+def all_configs(head_dims, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                n_queries=HIERA_WINDOW_QUERIES):
+    """Every (dtype, constexprs, LaunchConfig) the launcher picks for these head dims and
+    window query counts (q pooling and the bias are runtime arguments, not variants)."""
     out = []
     for dt in dtypes:
         for hd in head_dims:
-            for n_q in (16, 32, 64, 128):
+            for n_q in n_queries:
                 cfg = pick_config(n_q, hd, dt)
-                for pool in (False, True):
-                    item = (dt, dict(HEAD_DIM=hd, BLOCK_D=next_pow2(hd), BLOCK_M=cfg.block_m,
-                                     BLOCK_N=cfg.block_n, POOL=pool, HAS_BIAS=True,
-                                     DOT_PREC=dot_precision(dt)), cfg)
-                    if item not in out:
-                        out.append(item)
+                item = (dt, dict(HEAD_DIM=hd, BLOCK_D=next_pow2(hd), BLOCK_M=cfg.block_m,
+                                 BLOCK_N=cfg.block_n, DOT_PREC=dot_precision(dt)), cfg)
+                if item not in out:
+                    out.append(item)
     return out
 
 
@@ -240,16 +238,17 @@ def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
     n_win = g["n_win_y"] * g["n_win_x"]
     cfg = pick_config(n_q, hd, qkv.dtype)
     grid = (triton.cdiv(n_q, cfg.block_m), b * n_win * num_heads)
-    bias = qkv_bias if qkv_bias is not None else qkv  # dummy pointer when HAS_BIAS is off
+    # A padded token's k/v is the bias rounded to qkv's dtype (what the projection outputs).
+    bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)
     _window_attn_kernel[grid](
         qkv, bias, out,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         h, w, g["hq"], g["wq"], g["wk"][0], g["wk"][1], g["wqw"][0], g["wqw"][1],
         g["n_win_x"], n_win, num_heads, c,
-        (1.0 / math.sqrt(hd)) * 1.4426950408889634,
+        (1.0 / math.sqrt(hd)) * 1.4426950408889634, int(q_pool),
         HEAD_DIM=hd, BLOCK_D=next_pow2(hd), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        POOL=q_pool, HAS_BIAS=qkv_bias is not None, DOT_PREC=dot_precision(qkv.dtype),
+        DOT_PREC=dot_precision(qkv.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
