@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import sam2_fast.video.frames as frames_mod
+import sam2_fast.video.frames_base as frames_base
 from sam2_fast.video.frames import (FrameIndexError, FrameSourceError, LazyFrames,
                                     PreloadedFrames, VideoNotFoundError, load_video_frames,
                                     normalize_lut, open_frames)
@@ -107,7 +107,7 @@ def test_mutation_wrong_resize_filter_fails_by_wide_margin(tmp_path, monkeypatch
         arr = np.asarray(pil_rgb.resize((size, size), Image.BILINEAR))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
-    monkeypatch.setattr(frames_mod, "_resize_u8", bilinear)
+    monkeypatch.setattr(frames_base, "resize_u8", bilinear)
     with open_frames(str(tmp_path), 67, prefetch=0) as src:
         ours = torch.stack(list(src))
     rel = ((ours - ref).norm() / ref.norm()).item()
@@ -351,3 +351,43 @@ def test_cuda_frames_bitwise_equal_cpu(small_mp4):
             assert g.is_cuda and torch.equal(g.cpu(), cpu[i])
     with open_frames(small_mp4, 64, "cuda", offload_video_to_cpu=True) as off:
         assert off[3].device.type == "cpu"
+
+
+def test_cpu_arithmetic_equals_table_for_every_byte():
+    frame = torch.arange(256 * 60, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 64, 80)
+    with open_frames(_moving(2, 8, 8), 8, prefetch=0) as src:
+        by_ops = src.normalize(frame)  # CPU: in-place float32 ops
+    lut = normalize_lut((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    by_table = lut.view(-1)[frame.long() + (torch.arange(3) * 256)[:, None, None]]
+    assert torch.equal(by_ops, by_table)
+
+
+def test_many_workers_any_access_pattern(small_mp4):
+    decoded = _decode_all(small_mp4)
+    want = [_expected(f, 20) for f in decoded]
+    rng = random.Random(5)
+    pattern = list(range(40)) + list(range(39, -1, -1)) + [rng.randrange(40) for _ in range(30)]
+    with open_frames(small_mp4, 20, prefetch=5, cache_size=7, workers=3) as src:
+        src.hint(20, reverse=True)
+        for i in pattern:
+            assert torch.equal(src[i], want[i]), i
+            assert src.num_resident <= 7
+        assert src.peak_resident <= 7
+
+
+def test_dropped_source_releases_its_thread(small_mp4):
+    import gc
+    import threading
+    import time
+
+    src = open_frames(small_mp4, 16, prefetch=3)
+    thread = src._thread
+    src[5]
+    del src
+    for _ in range(100):  # the prefetch thread holds the source only between steps
+        gc.collect()
+        if not thread.is_alive():
+            break
+        time.sleep(0.05)
+    assert not thread.is_alive()
+    assert threading.active_count() < 50

@@ -32,6 +32,7 @@ class Decoder:
     num_frames: int
     height: int
     width: int
+    thread_safe: bool = False  # may several threads call walk_to / to_pil at once?
 
     def walk_to(self, idx: int) -> Iterator[tuple[int, Any]]:
         raise NotImplementedError
@@ -57,6 +58,8 @@ def _frame_number(folder: str, name: str) -> int:
 
 class JpegFolderDecoder(Decoder):
     """A folder of ``<index>.jpg`` files, ordered by the integer in the stem."""
+
+    thread_safe = True
 
     def __init__(self, folder: str) -> None:
         names = [n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in JPEG_EXTS]
@@ -119,6 +122,8 @@ def _frame_layout(idx: int, frame: Any) -> tuple[int, ...]:
 
 class ArrayDecoder(Decoder):
     """An (N, H, W, C) uint8 array or a sequence of (H, W, C) uint8 frames (numpy or torch)."""
+
+    thread_safe = True
 
     def __init__(self, frames: Any) -> None:
         if hasattr(frames, "shape"):  # one stacked array: frames share one layout

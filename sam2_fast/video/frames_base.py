@@ -1,0 +1,167 @@
+"""The common part of the frame sources: indexing rules, per-frame preprocessing, closing.
+
+Preprocessing (shared by every source, so all of them have the reference's numerics):
+
+* ``decode_raw``: walk the decoder to a frame (serialised for stateful decoders);
+* ``finish_frame``: raw -> RGB PIL -> ``resize((S, S))`` with PIL's default filter -> (3, S, S)
+  uint8 CPU tensor. Thread-safe, so a pool can run it for several frames at once;
+* ``normalize``: uint8 -> float32 ``(x / 255 - mean) / std`` on the target device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sam2_fast.video.frames_decode import Decoder
+from sam2_fast.video.frames_errors import FrameIndexError, FrameSourceError
+
+
+def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, 256) float32: ``(float32(k / 255) - mean_c) / std_c`` for every byte value ``k``.
+
+    The reference divides in float64 then stores float32; k/255 has a repeating 8-bit binary
+    expansion, so the double rounding never meets a tie and a float32 division agrees.
+    """
+    levels = torch.from_numpy(np.arange(256, dtype=np.float64) / 255.0).to(torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None]
+    return (levels[None, :] - m) / s
+
+
+def resize_u8(pil_rgb: Any, size: int) -> torch.Tensor:
+    """PIL RGB image -> (3, S, S) uint8, resized exactly like the reference's JPEG loader."""
+    small = pil_rgb.resize((size, size))  # PIL's default filter, as the reference
+    planes = [np.asarray(band) for band in small.split()]  # split is a fast C de-interleave
+    return torch.from_numpy(np.stack(planes))
+
+
+class FrameSource:
+    """Indexable video: ``len(src)``, ``src[idx] -> (3, S, S) float32``, ``src.close()``.
+
+    Attributes: ``image_size`` (S), ``video_height`` / ``video_width`` (native size of frame
+    0), ``device`` (where ``src[idx]`` lands), ``num_resident`` (decoded frames held now).
+    """
+
+    image_size: int
+    video_height: int
+    video_width: int
+    device: torch.device
+
+    def __init__(self, decoder: Decoder, image_size: int, device: torch.device,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        self._decoder = decoder
+        self.image_size = int(image_size)
+        self.video_height = int(decoder.height)
+        self.video_width = int(decoder.width)
+        self.device = device
+        self._mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        # Off the CPU a float ``x / 255`` may become ``x * (1/255)`` (not bitwise the
+        # reference), so there we look the normalised values up in a table instead.
+        self._lut = None if device.type == "cpu" else normalize_lut(mean, std).to(device)
+        self._lut_base = (torch.arange(3, device=device) * 256)[:, None, None]
+        # Video decoders are stateful: one walker at a time. Folders and arrays are not.
+        self._decode_lock: Any = (contextlib.nullcontext() if getattr(decoder, "thread_safe", False)
+                                  else threading.Lock())
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self._decoder.num_frames
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_resident(self) -> int:
+        raise NotImplementedError
+
+    def check_index(self, idx: Any) -> int:
+        """Python-style index (negatives count from the end) -> 0 <= i < len."""
+        if isinstance(idx, torch.Tensor) and idx.numel() == 1:
+            idx = idx.item()
+        if not isinstance(idx, (int, np.integer)) or isinstance(idx, bool):
+            raise FrameSourceError(f"frame index must be an int, got {type(idx).__name__}")
+        n = len(self)
+        i = int(idx) + n if idx < 0 else int(idx)
+        if not 0 <= i < n:
+            raise FrameIndexError(f"frame index {idx} out of range for a video of {n} frames")
+        if self._closed:
+            raise FrameSourceError("this frame source is closed")
+        return i
+
+    # -- preprocessing ---------------------------------------------------------------------
+    def decode_raw(self, idx: int, keep: Callable[[int], bool] | None = None) -> list[tuple[int, Any]]:
+        """Raw frame ``idx``, plus the frames decoded on the way for which ``keep(i)``."""
+        try:
+            with self._decode_lock:
+                return [(i, raw) for i, raw in self._decoder.walk_to(idx)
+                        if i == idx or (keep is not None and keep(i))]
+        except FrameSourceError:
+            raise
+        except Exception as e:  # codec errors: name the frame that failed
+            raise FrameSourceError(f"cannot decode frame {idx}: {type(e).__name__}: {e}") from e
+
+    def finish_frame(self, idx: int, raw: Any) -> torch.Tensor:
+        """Raw frame -> (3, S, S) uint8 CPU tensor (thread-safe)."""
+        try:
+            return resize_u8(self._decoder.to_pil(idx, raw), self.image_size)
+        except FrameSourceError:
+            raise
+        except Exception as e:
+            raise FrameSourceError(f"cannot decode frame {idx}: {type(e).__name__}: {e}") from e
+
+    def load_u8(self, idx: int) -> torch.Tensor:
+        """Decode and resize one frame, nothing kept: (3, S, S) uint8 CPU."""
+        [(_, raw)] = self.decode_raw(idx)
+        return self.finish_frame(idx, raw)
+
+    def normalize(self, frame_u8: torch.Tensor) -> torch.Tensor:
+        """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised."""
+        x = frame_u8.to(self.device, non_blocking=True)
+        if self._lut is None:  # CPU: the reference's float32 ops, in place
+            return x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
+        return self._lut.view(-1)[x.long() + self._lut_base]
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop background work, close the decoder and drop resident frames (idempotent)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop_workers()
+        with self._decode_lock:  # waits for a decode in flight
+            self._decoder.close()
+        self._release()
+
+    def _stop_workers(self) -> None:
+        pass
+
+    def _release(self) -> None:
+        pass
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({len(self)} frames, {self.video_width}x"
+                f"{self.video_height} -> {self.image_size}x{self.image_size}, {self.device})")
