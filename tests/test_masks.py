@@ -74,14 +74,14 @@ def test_hard_shapes_diagonals_and_serpentine():
 
 
 def test_mutation_four_connectivity_fails_by_wide_margin(monkeypatch):
-    def cross_max(lab):  # 4-neighbourhood instead of the 3x3 window
-        p = torch.nn.functional.pad(lab, (1, 1, 1, 1), value=-1)
+    def cross_min(lab, outside):  # 4-neighbourhood instead of the 3x3 window
+        p = torch.nn.functional.pad(lab, (1, 1, 1, 1), value=outside)
         c = p[:, 1:-1, 1:-1]
-        return torch.stack([c, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amax(0)
+        return torch.stack([c, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amin(0)
 
     m = np.random.default_rng(3).random((37, 41)) < 0.45
     _, ref_area, _ = _scipy_cc(m)
-    monkeypatch.setattr(masks_mod, "_max3x3", cross_max)
+    monkeypatch.setattr(masks_mod, "_min3x3", cross_min)
     _, area = connected_components(torch.from_numpy(m))
     wrong = (area.numpy() != ref_area).mean()
     assert wrong > 0.2, wrong  # most foreground pixels get a wrong area
