@@ -200,10 +200,15 @@ class VideoFileDecoder(Decoder):
             raise FrameSourceError(f"cannot read video {label}: {e}") from e
         self._frames: Iterator[Any] | None = None  # running decoder
         self._pos = -1  # index of the last frame the running decoder produced
-        first = next(self._decode_from(0), None)
+        try:
+            first = next(self._decode_from(0), None)
+        except Exception as e:  # codec errors on a corrupt stream
+            first, why = None, f": {type(e).__name__}: {e}"
+        else:
+            why = ""
         if first is None or first[0] != 0:
             self._container.close()
-            raise FrameSourceError(f"cannot decode the first frame of video {label}")
+            raise FrameSourceError(f"cannot decode the first frame of video {label}{why}")
         self.width, self.height = first[1].width, first[1].height
         self._first = first[1]
 
@@ -215,8 +220,8 @@ class VideoFileDecoder(Decoder):
         pts: list[int] = []
         key_pts: list[int] = []
         for packet in self._container.demux(self._stream):
-            if packet.size == 0:  # flush packet at the end of the stream
-                continue
+            if packet.size == 0 or packet.is_discard:
+                continue  # end-of-stream flush; priming frames an edit list cuts (never shown)
             if packet.pts is None:
                 raise FrameSourceError(
                     f"video {self.label} has packets without timestamps; re-mux it (e.g. to .mp4)"
