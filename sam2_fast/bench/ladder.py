@@ -7,10 +7,10 @@ estimated or copied from another row.
 
 How a row switches features on (the contract with the kernel and runtime code):
 
-* kernels: ``sam2_fast.kernels.ENV_SWITCHES`` maps kernel name -> environment variable
-  ("0" turns that kernel off, "1" on) and ``sam2_fast.kernels.ENV_ALL`` names the
-  variable for all of them. Rows set them before building and unset them after, so the
-  dispatchers must read them at call (or build) time, not at import.
+* kernels: ``sam2_fast.kernels.dispatch`` names one environment variable that disables
+  every kernel and one per kernel ("1" = use the PyTorch path); the dispatchers read them
+  when a call is traced or run, so a row sets them before building and restores them after.
+  Public names ``ENV_ALL``/``ENV_SWITCHES`` are used when present, else ``_ENV_ALL``/``_ENV_ONE``.
 * runtime: ``sam2_fast.runtime.LADDER_OPTIONS`` maps "static_memory" and "cuda_graphs"
   to extra keyword arguments for ``build_sam2_video_predictor``.
 """
@@ -50,15 +50,16 @@ class RowSpec:
 
 
 def _kernel_switches() -> Optional[tuple]:
+    """(variable disabling all kernels, {kernel: variable disabling it}) or None."""
     try:
-        mod = importlib.import_module("sam2_fast.kernels")
-    except Exception:  # noqa: BLE001
+        mod = importlib.import_module("sam2_fast.kernels.dispatch")
+    except Exception:  # noqa: BLE001 - no kernels here: the kernel rows say so
         return None
-    switches = getattr(mod, "ENV_SWITCHES", None)
-    every = getattr(mod, "ENV_ALL", None)
-    if not isinstance(switches, dict) or not every:
+    every = getattr(mod, "ENV_ALL", getattr(mod, "_ENV_ALL", None))
+    one = getattr(mod, "ENV_SWITCHES", getattr(mod, "_ENV_ONE", None))
+    if not every or not isinstance(one, dict):
         return None
-    return every, switches
+    return every, dict(one)
 
 
 def _runtime_options() -> Dict[str, dict]:
@@ -85,10 +86,11 @@ def our_rows(device: torch.device) -> List[RowSpec]:
     cuda = device.type == "cuda"
     switches = _kernel_switches()
     runtime = _runtime_options()
-    all_off: Dict[str, str] = {switches[0]: "0"} if switches else {}
+    # Values are "disable" flags: "1" sends that kernel's calls to the PyTorch path.
+    all_off: Dict[str, str] = {switches[0]: "1"} if switches else {}
 
     def no_switches() -> Optional[str]:
-        return None if switches else "sam2_fast.kernels exposes no ENV_SWITCHES/ENV_ALL yet"
+        return None if switches else "sam2_fast.kernels.dispatch names no kernel switches (ENV_ALL/ENV_SWITCHES)"
 
     rows = [
         RowSpec("eager-fp32", "ours", "ours eager fp32", env=dict(all_off)),
@@ -97,23 +99,25 @@ def our_rows(device: torch.device) -> List[RowSpec]:
         RowSpec("compile", "ours", "ours compiled (vos_optimized=True), kernels off", autocast=torch.bfloat16,
                 tf32=cuda, vos_optimized=True, compiles=True, env=dict(all_off)),
     ]
-    enabled: Dict[str, str] = {}
+    added: List[str] = []
     for name in KERNEL_ORDER:
-        if switches and name in switches[1]:
-            enabled[switches[1][name]] = "1"
-        env = {**({switches[0]: "1"} if switches else {}), **{v: "0" for k, v in (switches[1].items() if switches else ())}}
-        env.update(enabled)
+        added.append(name)
+        env: Dict[str, str] = {}
+        if switches:
+            env[switches[0]] = "0"
+            for kname, var in switches[1].items():
+                env[var] = "0" if kname in added else "1"
 
         def check(name=name) -> Optional[str]:
             if not switches:
                 return no_switches()
             if name not in switches[1]:
-                return f"kernel {name!r} not in sam2_fast.kernels.ENV_SWITCHES yet"
+                return f"kernel {name!r} has no switch in sam2_fast.kernels.dispatch yet"
             return None
 
         rows.append(RowSpec(f"k-{name}", "ours", KERNEL_TITLES[name], autocast=torch.bfloat16, tf32=True,
                             vos_optimized=True, compiles=True, needs_cuda=True, env=env, check=check))
-    kernels_on = {switches[0]: "1"} if switches else {}
+    kernels_on = {switches[0]: "0", **{v: "0" for v in switches[1].values()}} if switches else {}
     static_kw = dict(runtime.get("static_memory", {}))
     rows.append(RowSpec("static-batched", "ours", "+ static memory slots / batched objects", autocast=torch.bfloat16,
                         tf32=True, vos_optimized=True, compiles=True, needs_cuda=True, env=kernels_on,

@@ -63,13 +63,13 @@ def stage_table(rows: List[Dict[str, Any]], floor: Dict[str, Any]) -> str:
     lines = []
     for name in list(STAGES) + [OTHER]:
         f = flops.get(name, 0.0)
-        floor_ms = f / (rate * 1e12) * 1e3 if rate else float("nan")
-        cells = [name, _fmt(f / 1e9, 2), _fmt(floor_ms, 2) if f else "-"]
+        floor_ms = f / (rate * 1e12) * 1e3 if rate else 0.0
+        cells = [name, _fmt(f / 1e9, 2), _fmt(floor_ms, 2) if f and rate else "-"]
         for r in ok:
             ms = r["stage_ms"].get(name)
             if ms is None:
                 cells.append("-")
-            elif f and ms > 0:
+            elif f and rate and ms > 0:
                 cells.append(f"{ms:.1f} ({100 * floor_ms / ms:.0f}%)")
             else:
                 cells.append(f"{ms:.1f}")
@@ -79,7 +79,8 @@ def stage_table(rows: List[Dict[str, Any]], floor: Dict[str, Any]) -> str:
     cells += [_fmt(sum(r["stage_ms"].values()), 1) for r in ok]
     lines.append(cells)
     note = (f"floor = FLOPs / measured {floor.get('matmul', {}).get('dtype', '?')} matmul rate "
-            f"{rate:.3g} TFLOP/s; cells: ms per frame (% of floor)")
+            f"{rate:.3g} TFLOP/s; cells: ms per frame (% of floor)" if rate else
+            "cells: ms per frame (no matmul rate measured: --no-floor)")
     return _table(header, lines) + "\n" + note
 
 
