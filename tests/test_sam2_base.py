@@ -27,7 +27,6 @@ from sam2_fast.modeling.sam2_base import SAM2Base
 
 TOL = 1e-4
 SIZE = 128  # image side: 8x8 memory tokens, 32x32 low-res masks
-NUM_FRAMES = 17
 _LETTER = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
 
 
@@ -60,6 +59,7 @@ def build_models(preset: str = "sam2.1_hiera_tiny", extra: Sequence[str] = (), s
     our SAM2Base around (unpatched copies of) the reference submodules, which isolates the
     tracking logic of this file from the numerics of the submodules."""
     overrides = [f"++model.image_size={SIZE}", *extra]
+    torch.manual_seed(seed)  # buffers such as the prompt encoder's random Fourier matrix
     ref = _reference(preset, overrides).eval()
     sensitize_(ref, seed, obj_score_bias=obj_score_bias)
     cfg = apply_overrides(resolve_config(preset), overrides)
@@ -98,22 +98,24 @@ def random_mask(gen: torch.Generator, batch: int) -> torch.Tensor:
 Step = Tuple[int, Optional[str], bool, bool]
 
 
-def forward_schedule() -> List[Step]:
-    steps: List[Step] = [(0, "points", True, False), (12, "mask", True, False)]
-    steps += [(t, None, False, False) for t in range(1, NUM_FRAMES) if t != 12]
-    steps += [(5, "points", False, False), (6, None, False, False)]  # correction click, re-track
-    steps += [(3, None, False, True)]  # a step backwards in time next to the corrected frame
+def forward_schedule(n: int) -> List[Step]:
+    """Clicks on frame 0 and a mask on a later frame, tracking forward through the rest, then
+    a correction click on a tracked frame, re-tracking after it and one step backwards."""
+    masked = (2 * n) // 3
+    steps: List[Step] = [(0, "points", True, False), (masked, "mask", True, False)]
+    steps += [(t, None, False, False) for t in range(1, n) if t != masked]
+    steps += [(5, "points", False, False), (6, None, False, False), (3, None, False, True)]
     return steps
 
 
-def reverse_schedule() -> List[Step]:
-    last = NUM_FRAMES - 1
+def reverse_schedule(n: int) -> List[Step]:
+    last = n - 1
     steps: List[Step] = [(last, "points", True, True), (3, "mask", True, True)]
     steps += [(t, None, False, True) for t in range(last - 1, -1, -1) if t != 3]
     return steps
 
 
-def future_prompt_schedule() -> List[Step]:
+def future_prompt_schedule(n: int) -> List[Step]:
     # the only prompt lies ahead of the tracked frames: no object pointer is in the past,
     # so the memory holds only (bf16-stored) spatial memories
     return [(10, "points", True, False), (2, None, False, False), (3, "points", False, False),
@@ -136,7 +138,8 @@ KEYS = ("pred_masks", "pred_masks_high_res", "obj_ptr", "object_score_logits", "
 
 
 @torch.no_grad()
-def run_video(model, schedule, frames, prompts, bf16_store: bool = True):
+def run_video(model, schedule, frames, prompts, num_frames: int, bf16_store: bool = True):
+    """Run the schedule, each model reading back its own outputs (as the video predictor)."""
     output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
     results = []
     for i, (t, kind, init, reverse) in enumerate(schedule):
@@ -144,7 +147,7 @@ def run_video(model, schedule, frames, prompts, bf16_store: bool = True):
         points, mask = prompts.get(i, (None, None))
         out = model.track_step(frame_idx=t, is_init_cond_frame=init, current_vision_feats=feats,
                                current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=points,
-                               mask_inputs=mask, output_dict=output_dict, num_frames=NUM_FRAMES,
+                               mask_inputs=mask, output_dict=output_dict, num_frames=num_frames,
                                track_in_reverse=reverse)
         results.append({k: out[k].clone() for k in KEYS})
         stored = dict(out)
@@ -157,12 +160,13 @@ def run_video(model, schedule, frames, prompts, bf16_store: bool = True):
     return results
 
 
-def seq_errors(ours, ref) -> Dict[str, float]:
-    """Relative error of each output over the whole video (frames concatenated), so a
-    near-zero object score on one frame does not dominate."""
-    def cat(results, key):
-        return torch.cat([r[key].flatten() for r in results])
-    return {k: rel_err(cat(ours, k), cat(ref, k)) for k in KEYS}
+def video_errors(ours, ref) -> Dict[str, float]:
+    """Worst per-frame relative error of each output; object scores (one number per object
+    and frame, some near zero) are compared over the whole video instead."""
+    errs = {k: max(rel_err(o[k], r[k]) for o, r in zip(ours, ref)) for k in KEYS if k != "object_score_logits"}
+    errs["object_score_logits"] = rel_err(torch.cat([o["object_score_logits"] for o in ours]),
+                                          torch.cat([r["object_score_logits"] for r in ref]))
+    return errs
 
 
 def fmt(errs: Dict[str, float]) -> str:
@@ -187,9 +191,8 @@ def test_state_dict_matches_reference(preset, monkeypatch):
     assert got.keys() == want.keys(), f"missing {sorted(want.keys() - got.keys())[:5]}, " \
                                       f"extra {sorted(got.keys() - want.keys())[:5]}"
     assert got == want
-    own = [k for k in want if "." not in k or k.split(".")[0] in ("mask_downsample", "obj_ptr_proj",
-                                                                   "obj_ptr_tpos_proj")]
-    assert list(ours.state_dict())[:5] == list(ref.state_dict())[:5], own
+    # SAM2Base's own tensors come first, in the official order
+    assert list(got)[:5] == list(want)[:5]
 
 
 ATTRS = ("image_size", "num_maskmem", "hidden_dim", "mem_dim", "backbone_stride", "sam_image_embedding_size",
@@ -233,49 +236,183 @@ def test_forward_image_and_backbone_features(tiny):
 
 
 # ----------------------------------------------------------------------------- tracking
+_POSTPROCESSING = ("++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+                   "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+                   "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98")
 VARIANTS = {
-    # name: (preset, extra overrides, schedule, batch, obj_score_bias)
-    "forward": ("sam2.1_hiera_tiny", (), forward_schedule, 1, 1.0),
-    "reverse": ("sam2.1_hiera_tiny", (), reverse_schedule, 1, 1.0),
-    "absent_frames": ("sam2.1_hiera_tiny", (), forward_schedule, 1, 0.0),
-    "no_past_pointers": ("sam2.1_hiera_tiny", (), future_prompt_schedule, 1, 1.0),
-    "sam2.0": ("sam2_hiera_tiny", (), forward_schedule, 1, 1.0),
+    # name: (preset, extra overrides, schedule, frames, batch, obj_score_bias, check bf16 run)
+    "forward": ("sam2.1_hiera_tiny", (), forward_schedule, 17, 1, 0.0, True),
+    "reverse": ("sam2.1_hiera_tiny", (), reverse_schedule, 11, 1, 1.0, True),
+    "no_past_pointers": ("sam2.1_hiera_tiny", (), future_prompt_schedule, 11, 1, 1.0, True),
+    "sam2.0": ("sam2_hiera_tiny", (), forward_schedule, 11, 1, 1.0, True),
+    # binarised click masks: the bf16 run's 1e-4 drift may flip a pixel of the 0/1 mask,
+    # a legitimate jump, so only the exact and fp32 comparisons apply
     "closest_cond_stride2_batch2": (
         "sam2.1_hiera_tiny",
         ("++model.max_cond_frames_in_attn=2", "++model.memory_temporal_stride_for_eval=2",
          "++model.non_overlap_masks_for_mem_enc=true", "++model.binarize_mask_from_pts_for_mem_enc=true",
-         "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
-         "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
-         "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98"),
-        forward_schedule, 2, 1.0),
+         *_POSTPROCESSING),
+        forward_schedule, 11, 2, 1.0, False),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tracking_parity(variant):
-    preset, extra, make_schedule, batch, bias = VARIANTS[variant]
+    preset, extra, make_schedule, n, batch, bias, check_bf16 = VARIANTS[variant]
     ref, ours, hybrid = build_models(preset, extra, seed=len(variant), obj_score_bias=bias)
-    schedule = make_schedule()
+    schedule = make_schedule(n)
     frames, prompts = make_inputs(schedule, batch, seed=7)
 
-    # memories stored in bf16 as the video predictor does
-    r16 = run_video(ref, schedule, frames, prompts)
+    def run(model, bf16_store=True):
+        return run_video(model, schedule, frames, prompts, n, bf16_store)
+
+    r16 = run(ref)  # memories stored in bf16 as the video predictor stores them
     # 1) our tracking logic around the reference submodules: identical to the last bit
-    #    (also proves the fp32 cast: the unpatched reference attention is used here)
-    errs = seq_errors(run_video(hybrid, schedule, frames, prompts), r16)
+    #    (also shows the fp32 cast: the hybrid's reference attention is not patched)
+    errs = video_errors(run(hybrid), r16)
     assert max(errs.values()) <= 1e-6, "hybrid: " + fmt(errs)
-    # 2) our whole model with fp32 memories: the 1e-4 parity bound
-    errs32 = seq_errors(run_video(ours, schedule, frames, prompts, bf16_store=False),
-                        run_video(ref, schedule, frames, prompts, bf16_store=False))
+    # 2) our whole model, fp32 memories: the 1e-4 parity bound
+    errs32 = video_errors(run(ours, False), run(ref, False))
     assert max(errs32.values()) <= TOL, "ours, fp32 memories: " + fmt(errs32)
-    # 3) our whole model with bf16 memories: a 1e-6 difference flips the bf16 rounding of a
-    #    few memory elements by one ulp (2^-8 relative), which the video then carries along;
-    #    measured 3e-5 .. 1.1e-4 over seeds, hence a looser bound here
-    errs16 = seq_errors(run_video(ours, schedule, frames, prompts), r16)
-    assert max(errs16.values()) <= 5e-4, "ours, bf16 memories: " + fmt(errs16)
+    # 3) our whole model, bf16 memories: a 1e-6 difference flips the bf16 rounding of a few
+    #    memory elements by one ulp (2^-8 relative) and the video carries that along;
+    #    measured 3e-5 .. 3.4e-4 (worst frame) across seeds, hence the looser bound
+    errs16 = video_errors(run(ours), r16) if check_bf16 else {}
+    assert max(errs16.values(), default=0.0) <= 2e-3, "ours, bf16 memories: " + fmt(errs16)
 
     seen = presence(r16)
-    if variant == "absent_frames":
+    if variant in ("forward", "sam2.0"):
         assert any(seen) and not all(seen), "this variant must mix present and absent frames"
     print(f"{variant}: presence={''.join('P' if p else '.' for p in seen)}\n  fp32 {fmt(errs32)}"
           f"\n  bf16 {fmt(errs16)}\n  hybrid {fmt(errs)}")
+
+
+# ----------------------------------------------------------------------------- mutations
+MUTATION_FRAMES = 17  # frame 16 then attends to 16 pointers = 64 tokens = one 8x8 memory frame
+
+
+@pytest.fixture(scope="module")
+def mutation_setup():
+    ref, ours, _ = build_models(seed=11, obj_score_bias=1.0)
+    schedule = forward_schedule(MUTATION_FRAMES)
+    frames, prompts = make_inputs(schedule, 1, seed=12)
+    expected = run_video(ref, schedule, frames, prompts, MUTATION_FRAMES, bf16_store=False)
+    return ours, schedule, frames, prompts, expected
+
+
+def _mutated_error(setup) -> float:
+    ours, schedule, frames, prompts, expected = setup
+    got = run_video(ours, schedule, frames, prompts, MUTATION_FRAMES, bf16_store=False)
+    return max(video_errors(got, expected).values())
+
+
+def test_mutation_baseline(mutation_setup):
+    assert _mutated_error(mutation_setup) <= TOL
+
+
+def test_mutation_temporal_slot_order(mutation_setup):
+    ours = mutation_setup[0]
+    table = ours.maskmem_tpos_enc.data.clone()
+    ours.maskmem_tpos_enc.data = table.flip(0)  # newest memory read with the oldest slot's code
+    try:
+        err = _mutated_error(mutation_setup)
+    finally:
+        ours.maskmem_tpos_enc.data = table
+    print(f"reversed temporal slots: {err:.2e}")
+    assert err >= 10 * TOL, f"reversed temporal slots moved the output by only {err:.2e}"
+
+
+def test_mutation_pointer_count(mutation_setup, monkeypatch):
+    honest = base_mod.pointer_sources
+    monkeypatch.setattr(base_mod, "pointer_sources", lambda *a, **k: honest(*a, **k)[:-1])  # drop one
+    err = _mutated_error(mutation_setup)
+    print(f"one pointer fewer: {err:.2e}")
+    assert err >= 10 * TOL, f"one pointer fewer moved the output by only {err:.2e}"
+
+
+def test_mutation_rope_on_pointer_tokens(mutation_setup, monkeypatch):
+    ours = mutation_setup[0]
+    honest = ours.memory_attention.forward
+    hits = []
+
+    def rotate_pointers_too(*args, **kwargs):
+        memory, grid = kwargs["memory"], kwargs["curr"][0].shape[0]
+        if kwargs["num_obj_ptr_tokens"] and memory.shape[0] % grid == 0:
+            hits.append(kwargs["num_obj_ptr_tokens"])
+            kwargs["num_obj_ptr_tokens"] = 0  # pointer tokens get RoPE as if they were a frame
+        return honest(*args, **kwargs)
+
+    monkeypatch.setattr(ours.memory_attention, "forward", rotate_pointers_too)
+    err = _mutated_error(mutation_setup)
+    print(f"RoPE on pointer tokens ({len(hits)} frames): {err:.2e}")
+    assert hits, "no frame had a pointer block the size of a memory frame"
+    assert err >= 10 * TOL, f"RoPE on pointer tokens moved the output by only {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_select_closest_cond_frames_matches_reference():
+    from sam2.modeling.sam2_utils import select_closest_cond_frames as ref_select
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        frames = torch.randperm(40, generator=gen)[: int(torch.randint(1, 9, (1,), generator=gen))].tolist()
+        cond = {t: f"out{t}" for t in frames}
+        idx = int(torch.randint(0, 40, (1,), generator=gen))
+        for limit in (-1, 2, 3, 5):
+            got, want = select_closest_cond_frames(idx, cond, limit), ref_select(idx, cond, limit)
+            assert list(got[0].items()) == list(want[0].items()) and got[1] == want[1]
+    with pytest.raises(ValueError, match="max_cond_frames_in_attn"):
+        select_closest_cond_frames(3, {0: 0, 1: 1, 2: 2}, 1)
+
+
+def test_sine_pe_matches_reference():
+    from sam2.modeling.sam2_utils import get_1d_sine_pe
+
+    pos = torch.tensor([-7, -1, 0, 1, 3, 15]) / 15
+    for dim in (64, 256):
+        assert torch.equal(sine_pe_1d(pos, dim), get_1d_sine_pe(pos, dim))
+
+
+def test_memory_slots_with_stride():
+    # stride 3, forward from frame 20: the adjacent frame, then multiples of 3 from 18 down
+    assert memory_slot_frames(20, 7, 3, False) == [(1, 6), (2, 9), (3, 12), (4, 15), (5, 18), (6, 19)]
+    assert memory_slot_frames(20, 7, 3, True) == [(1, 36), (2, 33), (3, 30), (4, 27), (5, 24), (6, 21)]
+    assert memory_slot_frames(9, 7, 1, False) == [(t, 9 - (7 - t)) for t in range(1, 7)]
+
+
+@torch.no_grad()
+def test_heads_with_resized_mask_prompt_and_non_overlap(tiny):
+    ref, ours, hybrid = tiny
+    gen = torch.Generator().manual_seed(21)
+    feats = torch.randn(2, 256, SIZE // 16, SIZE // 16, generator=gen)
+    high = [torch.randn(2, 32, SIZE // 4, SIZE // 4, generator=gen), torch.randn(2, 64, SIZE // 8, SIZE // 8, generator=gen)]
+    mask = torch.randn(2, 1, SIZE, SIZE, generator=gen)  # full-size logits: resized with antialias
+    pts = random_points(gen, 2, 3)
+    for model, tol in ((hybrid, 0.0), (ours, TOL)):
+        got = model._forward_sam_heads(feats, pts, mask, high, multimask_output=True)
+        want = ref._forward_sam_heads(feats, pts, mask, high, multimask_output=True)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) <= tol
+    logits = torch.randn(3, 1, 9, 11, generator=gen) * 5
+    assert torch.equal(ours._apply_non_overlapping_constraints(logits), ref._apply_non_overlapping_constraints(logits))
+
+
+@torch.no_grad()
+def test_prev_logits_and_no_memory_encoder(tiny):
+    ref, ours, _ = tiny
+    gen = torch.Generator().manual_seed(22)
+    feats, pos, sizes = random_frame(gen, 1)
+    pts = random_points(gen, 1, 2)
+    prev = torch.randn(1, 1, SIZE // 4, SIZE // 4, generator=gen) * 4
+    kw = dict(frame_idx=0, is_init_cond_frame=True, current_vision_feats=feats, current_vision_pos_embeds=pos,
+              feat_sizes=sizes, point_inputs=pts, mask_inputs=None,
+              output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}, num_frames=4,
+              run_mem_encoder=False, prev_sam_mask_logits=prev)
+    got, want = ours.track_step(**kw), ref.track_step(**kw)
+    assert got["maskmem_features"] is None and got["maskmem_pos_enc"] is None
+    for k in ("pred_masks", "obj_ptr", "object_score_logits"):
+        assert rel_err(got[k], want[k]) <= TOL, k
+    with pytest.raises(ValueError, match="prev_sam_mask_logits"):
+        ours.track_step(**{**kw, "point_inputs": None})
+    with pytest.raises(ValueError, match="cond_frame_outputs"):
+        ours.track_step(**{**kw, "is_init_cond_frame": False, "prev_sam_mask_logits": None})
