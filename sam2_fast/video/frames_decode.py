@@ -307,17 +307,15 @@ def open_decoder(video_path: Any) -> Decoder:
             raise VideoNotFoundError(f"video path does not exist: {path!r}")
         if os.path.isdir(path):
             return JpegFolderDecoder(path)
-        ext = os.path.splitext(path)[1].lower()
-        if ext in JPEG_EXTS:
+        # Any other file goes to PyAV (VIDEO_EXTS are the tested ones); it says if it can't.
+        if os.path.splitext(path)[1].lower() in JPEG_EXTS:
             raise FrameSourceError(
                 f"{path!r} is a single image; pass the folder that holds the JPEG frames"
             )
         if os.path.getsize(path) == 0:
             raise FrameSourceError(f"video file {path!r} is empty (0 bytes)")
         return VideoFileDecoder(path, label=repr(path))
-    if isinstance(video_path, np.ndarray) or hasattr(video_path, "shape"):
-        return ArrayDecoder(video_path)
-    if isinstance(video_path, Sequence):
+    if hasattr(video_path, "shape") or isinstance(video_path, Sequence):  # array / frame list
         return ArrayDecoder(video_path)
     raise FrameSourceError(
         f"unsupported video_path of type {type(video_path).__name__}: pass a JPEG folder, a "
