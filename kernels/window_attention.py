@@ -87,7 +87,8 @@ def _window_attn_kernel(
             px = 2 * qx + t % 2
             ptr = base + py[:, None] * s_qkv_h + px[:, None] * s_qkv_w + offs_d[None, :]
             q = tl.maximum(q, tl.load(ptr, mask=q_mask, other=float("-inf")))
-        q = tl.where(q_mask, q, 0.0)
+        # (bf16 where() with a python float would promote to fp32: cast back)
+        q = tl.where(q_mask, q, 0.0).to(qkv_ptr.dtype.element_ty)
     else:
         ptr = base + qy[:, None] * s_qkv_h + qx[:, None] * s_qkv_w + offs_d[None, :]
         q = tl.load(ptr, mask=q_mask, other=0.0)

@@ -18,7 +18,8 @@ if [ ! -x "$venv/bin/python" ]; then
     "$venv/bin/pip" install -q "triton==3.6.0" numpy pytest
 fi
 site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "$proj_site" > "$site/zz_sam2_fast_project.pth"
-# The editable install of sam2_fast lives in the project venv's site-packages (.pth finder).
+# addsitedir appends the project's site-packages after ours and runs its .pth files (the
+# editable-install finder of sam2_fast lives there).
+echo "import site; site.addsitedir('$proj_site')" > "$site/zz_sam2_fast_project.pth"
 "$venv/bin/python" -c "import triton, torch, sam2_fast.kernels; print('triton', triton.__version__, 'torch', torch.__version__)"
 env -u TRITON_INTERPRET OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -m aot tests/kernels/test_aot_compile.py "$@"
