@@ -1,0 +1,153 @@
+"""CUDA-graph capture of the static-shape per-frame steps.
+
+A tracked frame launches on the order of a thousand small kernels (Hiera blocks, four
+memory-attention layers, the two-way transformer, the ConvNeXt fuser); at batch 1 the CPU
+cannot issue them as fast as an H100 runs them. :class:`GraphedStep` captures one step
+into a ``torch.cuda.CUDAGraph`` per input signature and replays it: inputs are copied into
+the graph's static buffers, the graph replays, and the outputs are cloned out (a replay
+overwrites them, and the predictor keeps outputs across frames).
+
+Why our own capture rather than ``torch.compile(mode="reduce-overhead")``:
+* the memory attention's inputs are the static bank's persistent buffers, which a manual
+  graph reads in place (``static_argnums``); cudagraph trees copy or refuse inputs that are
+  mutated between runs;
+* one mechanism for compiled and eager steps alike (graphs work with ``compile=False``);
+* capture failures degrade per signature to eager, counted, instead of per process.
+
+Signatures: tensor shapes/dtypes/devices plus the non-tensor arguments (e.g.
+``multimask_output``) and the autocast state; a new object count or click count is a new
+signature and is captured on first use (up to ``max_graphs``, then eager). Warm-up runs
+on a side stream before capture, as CUDA graphs require (lazy inits, cuBLAS workspaces,
+compilation and autotuning all happen there, never inside the capture).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+
+def graphs_unavailable_reason(device: "torch.device | str") -> Optional[str]:
+    """Why CUDA graphs cannot run for ``device`` (None when they can)."""
+    if torch.device(device).type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+class _Captured:
+    __slots__ = ("graph", "inputs", "outputs")
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", inputs: List[Any], outputs: Any) -> None:
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+
+
+def _signature(leaves: Sequence[Any], spec: Any) -> Hashable:
+    parts: List[Hashable] = [str(spec), torch.is_inference_mode_enabled()]
+    if torch.is_autocast_enabled("cuda"):
+        parts.append(("autocast", torch.get_autocast_dtype("cuda")))
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device))
+        else:
+            parts.append(("const", leaf))
+    return tuple(parts)
+
+
+class GraphedStep:
+    """Callable replaying a CUDA graph of ``fn`` per input signature.
+
+    ``static_argnums``: positional tensor arguments that are persistent buffers (same
+    storage every call); the graph reads them in place instead of copying them.
+    Grad-enabled calls run ``fn`` eagerly (graphs here are for inference).
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, *, warmup: int = 3, max_graphs: int = 8,
+                 static_argnums: Sequence[int] = (), counters: Optional[collections.Counter] = None) -> None:
+        self.fn, self.name = fn, name
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.static_argnums = frozenset(static_argnums)
+        self.counters = counters if counters is not None else collections.Counter()
+        self._graphs: Dict[Hashable, Optional[_Captured]] = {}  # None: this signature runs eagerly
+        self.errors: Dict[Hashable, str] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            self.counters[f"graph_eager[{self.name}]: grad enabled"] += 1
+            return self.fn(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if any(isinstance(t, Tensor) and t.device.type != "cuda" for t in leaves):
+            return self.fn(*args, **kwargs)
+        key = _signature(leaves, spec)
+        if key not in self._graphs:
+            static_ids = {id(args[i]) for i in self.static_argnums if i < len(args)}
+            fits = len(self._graphs) < self.max_graphs
+            self._graphs[key] = self._capture(key, leaves, spec, static_ids) if fits else None
+            if self._graphs[key] is None and key not in self.errors:
+                self.counters[f"graph_eager[{self.name}]: more than {self.max_graphs} signatures"] += 1
+        entry = self._graphs[key]
+        if entry is None:
+            self.counters[f"graph_eager_calls[{self.name}]"] += 1
+            return self.fn(*args, **kwargs)
+        for dst, src in zip(entry.inputs, leaves):
+            if isinstance(dst, Tensor) and dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)  # a static argument in a new buffer is copied like any other
+        entry.graph.replay()
+        self.counters[f"graph_replays[{self.name}]"] += 1
+        # clone: the next replay overwrites the graph's outputs in place
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.outputs)
+
+    def _static_inputs(self, leaves: Sequence[Any], static_ids: set) -> List[Any]:
+        # tensors get a graph-owned copy, except persistent buffers passed as static arguments
+        return [leaf.clone() if isinstance(leaf, Tensor) and id(leaf) not in static_ids else leaf
+                for leaf in leaves]
+
+    def _capture(self, key: Hashable, leaves: Sequence[Any], spec: Any, static_ids: set) -> Optional[_Captured]:
+        inputs = self._static_inputs(leaves, static_ids)
+        args, kwargs = pytree.tree_unflatten(inputs, spec)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self.fn(*args, **kwargs)
+        except Exception as exc:  # capture is an optimisation: fall back to eager, say why
+            torch.cuda.synchronize()
+            self.errors[key] = f"{type(exc).__name__}: {exc}"
+            self.counters[f"graph_capture_failed[{self.name}]"] += 1
+            return None
+        self.counters[f"graph_captures[{self.name}]"] += 1
+        return _Captured(graph, inputs, outputs)
+
+    def reset(self) -> None:
+        """Drop every captured graph (their memory pools are freed with them)."""
+        self._graphs.clear()
+        self.errors.clear()
+
+
+def graph_method(owner: Any, attr: str, name: str, counters: collections.Counter,
+                 static_argnums: Sequence[int] = ()) -> Tuple[GraphedStep, Callable[[], None]]:
+    """Replace ``owner.<attr>`` (a callable attribute, e.g. a module's forward) by a graphed
+    version of its current value; returns (the step, undo)."""
+    had = attr in owner.__dict__
+    old = owner.__dict__.get(attr)
+    step = GraphedStep(getattr(owner, attr), name, static_argnums=static_argnums, counters=counters)
+    setattr(owner, attr, step)
+
+    def undo() -> None:
+        step.reset()
+        if had:
+            setattr(owner, attr, old)
+        else:
+            owner.__dict__.pop(attr, None)
+
+    return step, undo

@@ -1,0 +1,274 @@
+"""A fixed-shape memory bank in front of the memory attention.
+
+The memory attention's keys change length on every frame: 1..7 spatial memories of HW
+tokens (more with several conditioning frames) followed by 0..16 object pointers of
+``hidden_dim / mem_dim`` tokens each. Every new length recompiles ``torch.compile`` code
+and cannot be replayed from a CUDA graph. :class:`StaticMemoryBank` copies the memory into
+a preallocated buffer of fixed capacity, laid out as
+
+    [ spatial slots: F frames x HW tokens | pointer slots: P tokens (+ alignment) ]
+
+and attends with a key-validity mask. Padded keys get a score of -inf, so their softmax
+weight is exactly 0 and the result equals the unpadded attention up to summation order.
+
+RoPE: spatial keys are rotated with the query grid's table tiled F times (the frame
+period is HW, as ``rope_k_repeat`` does); the whole pointer region is left unrotated, so
+the excluded count is the pointer capacity, not the number of pointers present. Both
+agree with ``rope.apply_axial_rope`` on the valid keys because a key's rotation depends
+only on its position within its frame.
+
+Capacity: F comes in two buckets, ``num_maskmem`` frames (one conditioning frame plus
+``num_maskmem - 1`` recent ones: the steady state of tracking) and ``num_maskmem +
+extra_cond_frames`` (more prompted frames). Each bucket is its own static shape (one
+compiled graph / CUDA graph each); the small bucket keeps the steady state free of
+padding cost. Memories beyond the largest bucket, training mode, or a spatial length that
+is not a whole number of frames go to the plain module, and the fallback is counted.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sam2_fast.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+from sam2_fast.modeling.rope import RoPEAttention, rotate_pairs
+
+_MAX_BUFFER_SETS = 8  # (bucket, batch, dtype, ...) combinations kept before the cache is reset
+
+
+def _rotate_keys(k: Tensor, k_cos: Tensor, k_sin: Tensor, num_spatial_slots: int) -> Tensor:
+    """Rotate the spatial slots of k (B, h, Nk, D); the pointer region passes unrotated."""
+    spatial = rotate_pairs(k[..., :num_spatial_slots, :], k_cos, k_sin)
+    return torch.cat([spatial, k[..., num_spatial_slots:, :]], dim=-2)
+
+
+def _attention_mask(key_ok: Tensor) -> Optional[Tensor]:
+    """SDPA mask (1, 1, 1, Nk) from the (Nk,) key-validity flags (False -> score -inf)."""
+    return key_ok.view(1, 1, 1, -1)
+
+
+def _masked_cross_attention(attn: RoPEAttention, q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor,
+                            k_cos: Tensor, k_sin: Tensor, num_spatial_slots: int) -> Tensor:
+    """RoPE cross-attention over the padded bank. q: (B, HW, C); k, v: (B, Nk, mem_dim)."""
+    qh, kh, vh = attn._project(q, k, v)  # (B, heads, N, D)
+    cos, sin = attn.rope_table(qh.shape[-2], qh.device)
+    qh = rotate_pairs(qh, cos, sin)
+    kh = _rotate_keys(kh, k_cos, k_sin, num_spatial_slots)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_attention_mask(key_ok))
+    return attn._merge(out)
+
+
+def _layer_step(layer: MemoryAttentionLayer, x: Tensor, mem: Tensor, mem_pos: Optional[Tensor],
+                query_pos: Optional[Tensor], key_ok: Tensor, k_cos: Tensor, k_sin: Tensor,
+                num_spatial_slots: int) -> Tensor:
+    """One memory-attention layer (eval) with the masked cross-attention; x: (B, HW, C)."""
+    h = layer.norm1(x)
+    qk = h + query_pos if (layer.pos_enc_at_attn and query_pos is not None) else h
+    x = x + layer.self_attn(qk, qk, h)  # the frame's own tokens: already a static shape
+    h = layer.norm2(x)
+    q = h + query_pos if (layer.pos_enc_at_cross_attn_queries and query_pos is not None) else h
+    k = mem + mem_pos if (layer.pos_enc_at_cross_attn_keys and mem_pos is not None) else mem
+    x = x + _masked_cross_attention(layer.cross_attn_image, q, k, mem, key_ok, k_cos, k_sin,
+                                    num_spatial_slots)
+    return x + layer.linear2(layer._act(layer.linear1(layer.norm3(x))))
+
+
+def check_supported(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot sit behind the bank (None when it can)."""
+    if not isinstance(module, MemoryAttention):
+        return f"memory_attention is a {type(module).__name__}, not sam2_fast's MemoryAttention"
+    for i, layer in enumerate(module.layers):
+        if not isinstance(layer, MemoryAttentionLayer):
+            return f"layer {i} is a {type(layer).__name__}, not a MemoryAttentionLayer"
+        cross = layer.cross_attn_image
+        if not isinstance(cross, RoPEAttention) or not cross.rope_k_repeat:
+            return f"layer {i}'s cross-attention is not a RoPE attention with rope_k_repeat"
+    return None
+
+
+class StaticMemoryBank(nn.Module):
+    """Same call as ``MemoryAttention.forward``; runs it on a fixed-capacity, masked bank.
+
+    ``memory_attention`` is referenced, not owned as a submodule (so installing the bank
+    leaves the predictor's state dict unchanged); install with :meth:`install`.
+    """
+
+    def __init__(self, memory_attention: MemoryAttention, *, num_maskmem: int, max_obj_ptrs: int,
+                 tokens_per_ptr: int, extra_cond_frames: int = 2, align: int = 16,
+                 counters: Optional[collections.Counter] = None) -> None:
+        super().__init__()
+        reason = check_supported(memory_attention)
+        if reason is not None:
+            raise TypeError(f"StaticMemoryBank: {reason}")
+        if num_maskmem < 1 or max_obj_ptrs < 0 or tokens_per_ptr < 1 or extra_cond_frames < 0 or align < 1:
+            raise ValueError(f"bad bank capacity: num_maskmem={num_maskmem}, max_obj_ptrs={max_obj_ptrs}, "
+                             f"tokens_per_ptr={tokens_per_ptr}, extra_cond_frames={extra_cond_frames}")
+        self.__dict__["inner"] = memory_attention  # a plain reference: not a registered child
+        self.frame_buckets: Tuple[int, ...] = tuple(sorted({num_maskmem, num_maskmem + extra_cond_frames}))
+        self.pointer_tokens = max_obj_ptrs * tokens_per_ptr
+        self.align = align
+        self.counters = counters if counters is not None else collections.Counter()
+        self._buffers_by_key: Dict[tuple, Tuple[Tensor, Tensor, Tensor]] = {}
+        self._tiled: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        # the function run on the padded bank; enable_fast_runtime may compile / graph it
+        self.core: Callable[..., Tensor] = self.padded_forward
+
+    # ------------------------------------------------------------------ layout
+    def layout(self, frames: int, hw: int) -> Tuple[int, int]:
+        """(spatial slots, total keys) of the bucket holding ``frames`` frames of ``hw`` tokens."""
+        spatial = frames * hw
+        total = spatial + self.pointer_tokens
+        total += (-total) % self.align  # alignment slots join the (unrotated, masked) pointer region
+        return spatial, total
+
+    def describe(self, hw: Optional[int] = None) -> Dict[str, object]:
+        info: Dict[str, object] = {"frame_buckets": self.frame_buckets, "pointer_tokens": self.pointer_tokens}
+        if hw is not None:
+            info["keys_per_bucket"] = {f: self.layout(f, hw)[1] for f in self.frame_buckets}
+        return info
+
+    # ------------------------------------------------------------------ install
+    def install(self) -> Callable[[], None]:
+        """Route ``inner(...)`` through this bank; returns the undo function."""
+        inner = self.inner
+        had = "forward" in inner.__dict__
+        old = inner.__dict__.get("forward")
+        inner.forward = self.forward
+
+        def undo() -> None:
+            if had:
+                inner.forward = old
+            else:
+                inner.__dict__.pop("forward", None)
+
+        return undo
+
+    def plain(self, *args, **kwargs) -> Tensor:
+        """The unpadded module (its class forward, bypassing the installed bank)."""
+        return MemoryAttention.forward(self.inner, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, curr: Union[Tensor, List[Tensor]], memory: Tensor,
+                curr_pos: Optional[Union[Tensor, List[Tensor]]] = None, memory_pos: Optional[Tensor] = None,
+                num_obj_ptr_tokens: int = 0) -> Tensor:
+        """curr, curr_pos: (HW, B, C); memory, memory_pos: (M, B, mem_dim) -> (HW, B, C)."""
+        args = (curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens)
+        if isinstance(curr, (list, tuple)):
+            if len(curr) != 1 or not isinstance(curr_pos, (list, tuple)) or len(curr_pos) != 1:
+                return self._fallback("curr given as a list of several levels", *args)
+            curr, curr_pos = curr[0], curr_pos[0]
+        if curr.dim() != 3 or memory.dim() != 3 or curr.shape[1] != memory.shape[1]:
+            return self._fallback("unexpected shapes", *args)
+        plan = self._plan(curr, memory, num_obj_ptr_tokens)
+        if isinstance(plan, str):
+            return self._fallback(plan, *args)
+        frames, n_spatial, n_ptr = plan
+        hw, batch = curr.shape[0], curr.shape[1]
+        dtype = torch.promote_types(memory.dtype, curr.dtype)  # as MemoryAttention widens
+        mem, mem_pos, key_ok = self._stage(frames, hw, batch, dtype, memory, memory_pos, n_spatial, n_ptr)
+        k_cos, k_sin = self._tiled_table(frames, hw, curr.device)
+        self.counters["bank_calls"] += 1
+        self.counters[f"bank_bucket_{frames}"] += 1
+        return self.core(curr, curr_pos, mem, mem_pos, key_ok, k_cos, k_sin)
+
+    def _fallback(self, reason: str, curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens) -> Tensor:
+        self.counters["bank_fallbacks"] += 1
+        self.counters[f"bank_fallback: {reason}"] += 1
+        return self.plain(curr, memory, curr_pos=curr_pos, memory_pos=memory_pos,
+                          num_obj_ptr_tokens=num_obj_ptr_tokens)
+
+    def _plan(self, curr: Tensor, memory: Tensor, num_ptr: int) -> Union[str, Tuple[int, int, int]]:
+        """(bucket frames, spatial tokens, pointer tokens) or the reason the bank cannot take it."""
+        if self.inner.training:
+            return "training mode (dropout)"
+        if torch.is_grad_enabled() and (curr.requires_grad or memory.requires_grad):
+            return "autograd"
+        hw, total = curr.shape[0], memory.shape[0]
+        if not 0 <= num_ptr <= total:
+            return "num_obj_ptr_tokens outside the memory"
+        n_spatial = total - num_ptr
+        if n_spatial % hw != 0:
+            return "spatial memory is not a whole number of frames"
+        frames = n_spatial // hw
+        bucket = next((f for f in self.frame_buckets if f >= frames), None)
+        if bucket is None:
+            return "more memory frames than the largest bucket"
+        spatial_slots, total_slots = self.layout(bucket, hw)
+        if num_ptr > total_slots - spatial_slots:
+            return "more pointer tokens than the pointer capacity"
+        return bucket, n_spatial, num_ptr
+
+    def _stage(self, frames: int, hw: int, batch: int, dtype: torch.dtype, memory: Tensor,
+               memory_pos: Optional[Tensor], n_spatial: int, n_ptr: int) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """Copy the variable memory into the bucket's persistent buffers (batch-first)."""
+        spatial_slots, total_slots = self.layout(frames, hw)
+        dim, device = memory.shape[-1], memory.device
+        key = (frames, hw, batch, dim, dtype, device, torch.is_inference_mode_enabled())
+        bufs = self._buffers_by_key.get(key)
+        if bufs is None:
+            if len(self._buffers_by_key) >= _MAX_BUFFER_SETS:
+                self._buffers_by_key.clear()
+            # zeros, not empty: a padded slot is masked, but 0 * NaN garbage would still be NaN
+            bufs = (torch.zeros(batch, total_slots, dim, dtype=dtype, device=device),
+                    torch.zeros(batch, total_slots, dim, dtype=dtype, device=device),
+                    torch.zeros(total_slots, dtype=torch.bool, device=device))
+            self._buffers_by_key[key] = bufs
+        mem, mem_pos, key_ok = bufs
+        ptr_stop = spatial_slots + n_ptr
+        # (M, B, dim) -> (B, M, dim) while copying; copy_ also upcasts bf16 stored memories
+        mem[:, :n_spatial].copy_(memory[:n_spatial].transpose(0, 1))
+        mem[:, spatial_slots:ptr_stop].copy_(memory[n_spatial:].transpose(0, 1))
+        if memory_pos is not None:
+            mem_pos[:, :n_spatial].copy_(memory_pos[:n_spatial].transpose(0, 1))
+            mem_pos[:, spatial_slots:ptr_stop].copy_(memory_pos[n_spatial:].transpose(0, 1))
+        key_ok.zero_()
+        key_ok[:n_spatial] = True
+        key_ok[spatial_slots:ptr_stop] = True
+        return mem, (mem_pos if memory_pos is not None else None), key_ok
+
+    def _tiled_table(self, frames: int, hw: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """The cross-attention RoPE table tiled over ``frames`` memory frames (frame-major)."""
+        cross = self.inner.layers[0].cross_attn_image
+        key = (frames, hw, cross.head_dim, cross.rope_theta, str(device))
+        table = self._tiled.get(key)
+        if table is None:
+            cos, sin = cross.rope_table(hw, device)
+            table = (cos.repeat(frames, 1), sin.repeat(frames, 1))
+            self._tiled[key] = table
+            for layer in self.inner.layers:  # warm every layer's own table cache before capture
+                layer.cross_attn_image.rope_table(hw, device)
+                if isinstance(layer.self_attn, RoPEAttention):
+                    layer.self_attn.rope_table(hw, device)
+        return table
+
+    def padded_forward(self, curr: Tensor, curr_pos: Optional[Tensor], mem: Tensor,
+                       mem_pos: Optional[Tensor], key_ok: Tensor, k_cos: Tensor, k_sin: Tensor) -> Tensor:
+        """The static-shape computation: curr, curr_pos (HW, B, C); mem, mem_pos (B, Nk, mem_dim);
+        key_ok (Nk,); k_cos/k_sin (spatial slots, D/2). Returns (HW, B, C)."""
+        inner = self.inner
+        x = curr
+        if inner.pos_enc_at_input and curr_pos is not None:
+            x = x + 0.1 * curr_pos
+        x = x.transpose(0, 1)  # (B, HW, C)
+        query_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
+        num_spatial_slots = k_cos.shape[0]
+        for layer in inner.layers:
+            x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, k_cos, k_sin, num_spatial_slots)
+        return inner.norm(x).transpose(0, 1)
+
+
+def bank_for(model: nn.Module, *, extra_cond_frames: int = 2,
+             counters: Optional[collections.Counter] = None) -> StaticMemoryBank:
+    """A bank sized from a SAM2Base's tracking config (not yet installed)."""
+    per_ptr = model.hidden_dim // model.mem_dim if model.use_obj_ptrs_in_encoder else 1
+    max_ptrs = model.max_obj_ptrs_in_encoder if model.use_obj_ptrs_in_encoder else 0
+    extra = extra_cond_frames
+    if model.max_cond_frames_in_attn > 0:  # the config itself bounds the conditioning frames
+        extra = min(extra, model.max_cond_frames_in_attn - 1)
+    return StaticMemoryBank(model.memory_attention, num_maskmem=model.num_maskmem, max_obj_ptrs=max_ptrs,
+                            tokens_per_ptr=per_ptr, extra_cond_frames=extra, counters=counters)
+
