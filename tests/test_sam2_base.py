@@ -268,8 +268,14 @@ def test_tracking_parity(variant):
 
     r16 = run(ref)  # memories stored in bf16 as the video predictor stores them
     # 1) our tracking logic around the reference submodules: identical to the last bit
-    #    (also shows the fp32 cast: the hybrid's reference attention is not patched)
+    #    (also shows the fp32 cast: the hybrid's reference attention is not patched, and
+    #    frames without pointers would hand it a bf16 memory)
+    pointer_tokens = []
+    attend = hybrid.memory_attention.forward
+    hybrid.memory_attention.forward = lambda **kw: pointer_tokens.append(kw["num_obj_ptr_tokens"]) or attend(**kw)
     errs = video_errors(run(hybrid), r16)
+    if variant == "no_past_pointers":
+        assert 0 in pointer_tokens, "no frame attended to spatial memories alone"
     assert max(errs.values()) <= 1e-6, "hybrid: " + fmt(errs)
     # 2) our whole model, fp32 memories: the 1e-4 parity bound
     errs32 = video_errors(run(ours, False), run(ref, False))

@@ -170,9 +170,11 @@ class SAM2Base(SamHeadsMixin, nn.Module):
                        num_frames: Optional[int], track_in_reverse: bool) -> Tuple[Tensor, Tensor, int]:
         """Memory tokens, their position encodings (both (M, B, mem_dim)) and the pointer count.
 
-        Tokens are written straight into one preallocated buffer in the dtype of ``like``
-        (the current features): no per-frame temporaries plus concatenation, and bf16-stored
-        memories are upcast on the way in, so fp32 inference never meets a bf16 memory.
+        Tokens are written straight into one preallocated buffer (no per-frame temporaries
+        plus concatenation) in the compute dtype: that of ``like`` (the current features)
+        promoted with the parameters'. bf16-stored memories are upcast exactly on the way
+        in, so fp32 inference never meets a bf16 memory, and under autocast the values equal
+        the official concatenation's.
         """
         cond = output_dict["cond_frame_outputs"]
         if len(cond) == 0:
@@ -206,8 +208,9 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         sizes = [out["maskmem_features"].shape[-2] * out["maskmem_features"].shape[-1] for _, out in slots]
         num_ptr_tokens = len(ptr_srcs) * per_ptr
         total = sum(sizes) + num_ptr_tokens
-        memory = like.new_empty(total, batch, dim)
-        memory_pos = like.new_empty(total, batch, dim)
+        dtype = torch.promote_types(like.dtype, self.maskmem_tpos_enc.dtype)
+        memory = torch.empty(total, batch, dim, dtype=dtype, device=device)
+        memory_pos = torch.empty(total, batch, dim, dtype=dtype, device=device)
 
         start = 0
         for (t_pos, out), n in zip(slots, sizes):
