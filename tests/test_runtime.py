@@ -1,0 +1,384 @@
+"""The fast runtime (``vos_optimized=True``): static memory bank, compile, CUDA graphs, bf16.
+
+CPU (run here): the static bank against the plain memory attention over every memory
+layout tracking produces, with mutations that must fail; the predictor built with
+``vos_optimized=True`` against the eager one on a synthetic clip; ``torch.compile``
+(aot_eager) against eager; the settings and what the runtime records.
+CUDA (``@pytest.mark.cuda``, run by the GPU check): bf16 runtime against fp32 eager, CUDA
+graphs against eager, graph re-capture on a new signature.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import List, Tuple
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import rel_err, sensitize_  # noqa: E402
+from video_utils import make_clip  # noqa: E402
+
+from sam2_fast.build_sam import build_sam2_video_predictor  # noqa: E402
+from sam2_fast.config import resolve_config  # noqa: E402
+from sam2_fast.modeling.memory_attention import build_memory_attention  # noqa: E402
+from sam2_fast.runtime import disable_fast_runtime, enable_fast_runtime, runtime_settings  # noqa: E402
+from sam2_fast.runtime import static_bank as sb  # noqa: E402
+from sam2_fast.runtime.graphs import GraphedStep  # noqa: E402
+
+BANK_TOL = 1e-5  # fp32: padding only changes the summation order of the softmax
+TRACK_TOL = 1e-4
+SIZE = 128  # image side of the tiny predictor: 8x8 memory tokens
+CONFIG = "sam2.1_hiera_tiny"
+
+needs_cuda = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def cuda_test(fn):
+    for mark in needs_cuda:
+        fn = mark(fn)
+    return fn
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def mem_attn():
+    cfg = resolve_config(CONFIG)
+    module = build_memory_attention(cfg).eval()
+    sensitize_(module, 3)
+    return module
+
+
+def make_bank(module, **kw) -> sb.StaticMemoryBank:
+    args = dict(num_maskmem=7, max_obj_ptrs=16, tokens_per_ptr=4, extra_cond_frames=2)
+    args.update(kw)
+    return sb.StaticMemoryBank(module, **args)
+
+
+def memory_inputs(side: int, frames: int, ptrs: int, batch: int = 2, seed: int = 0):
+    """Current tokens (HW, B, 256) and a memory of ``frames`` frames + ``ptrs`` pointers x 4 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hw, m = side * side, frames * side * side + 4 * ptrs
+    curr = torch.randn(hw, batch, 256, generator=g)
+    curr_pos = torch.randn(hw, batch, 256, generator=g)
+    memory = torch.randn(m, batch, 64, generator=g)
+    memory_pos = torch.randn(m, batch, 64, generator=g)
+    return curr, memory, curr_pos, memory_pos, 4 * ptrs
+
+
+# (conditioning frames, recent frames, object pointers): the layouts tracking produces
+LAYOUTS = [(1, 0, 0), (1, 1, 1), (1, 3, 4), (1, 6, 16), (2, 0, 2), (2, 4, 9), (2, 6, 16), (3, 2, 0),
+           (3, 6, 16)]
+
+
+def run_both(module, bank, side, cond, recent, ptrs, seed=0):
+    curr, memory, curr_pos, memory_pos, n_ptr = memory_inputs(side, cond + recent, ptrs, seed=seed)
+    with torch.inference_mode():
+        ref = bank.plain(curr, memory, curr_pos=curr_pos, memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr)
+        out = bank(curr, memory, curr_pos, memory_pos, n_ptr)
+    return out, ref
+
+
+# ----------------------------------------------------------------------------- static bank
+@pytest.mark.parametrize("side", [8, 12])
+def test_static_bank_matches_plain_attention(mem_attn, side):
+    bank = make_bank(mem_attn)
+    worst = 0.0
+    for i, (cond, recent, ptrs) in enumerate(LAYOUTS):
+        out, ref = run_both(mem_attn, bank, side, cond, recent, ptrs, seed=i)
+        err = rel_err(out, ref)
+        assert err <= BANK_TOL, f"side {side}, {cond} cond + {recent} recent frames, {ptrs} ptrs: {err:.2e}"
+        worst = max(worst, err)
+    assert bank.counters["bank_fallbacks"] == 0
+    assert bank.counters["bank_bucket_7"] > 0 and bank.counters["bank_bucket_9"] > 0
+    print(f"side {side}: worst rel err {worst:.2e} over {len(LAYOUTS)} layouts")
+
+
+def test_static_bank_layout_and_padding(mem_attn):
+    bank = make_bank(mem_attn)
+    assert bank.frame_buckets == (7, 9)
+    assert bank.layout(7, 64) == (448, 512)  # 448 + 64 pointer tokens, already 16-aligned
+    spatial, total = bank.layout(9, 144)  # 1296 + 64 = 1360, 16-aligned
+    assert (spatial, total) == (1296, 1360)
+    spatial, total = bank.layout(7, 25)  # 175 + 64 = 239 -> 240: one alignment slot
+    assert total == 240 and (total - spatial) == 65
+
+
+def test_static_bank_pads_keys_that_must_be_masked(mem_attn):
+    """Mutations: attending to padded keys, or rotating pointer slots, must fail by >= 10x."""
+    bank = make_bank(mem_attn)
+    case = (10, 1, 2, 3)  # side 10: a 7-frame bucket padded by 6 frames and 52 pointer slots
+    out, ref = run_both(mem_attn, bank, *case)
+    assert rel_err(out, ref) <= BANK_TOL
+
+    unmasked = sb._attention_mask
+    try:
+        sb._attention_mask = lambda key_ok: None  # padded (stale or zero) keys take weight
+        bad, _ = run_both(mem_attn, bank, *case)
+    finally:
+        sb._attention_mask = unmasked
+    assert rel_err(bad, ref) >= 10 * BANK_TOL, f"unmasked padding went unnoticed: {rel_err(bad, ref):.2e}"
+
+    good_rotate = sb._rotate_keys
+
+    def rotate_pointers_too(k, k_cos, k_sin, n):
+        rest = k.shape[-2] - n  # rotate the pointer region as if it were another (partial) frame
+        cos = torch.cat([k_cos, k_cos[:rest]])
+        sin = torch.cat([k_sin, k_sin[:rest]])
+        return sb.rotate_pairs(k, cos, sin)
+
+    try:
+        sb._rotate_keys = rotate_pointers_too
+        bad_rope, _ = run_both(mem_attn, bank, 10, 1, 6, 16)
+    finally:
+        sb._rotate_keys = good_rotate
+    _, ref_full = run_both(mem_attn, bank, 10, 1, 6, 16)
+    err = rel_err(bad_rope, ref_full)
+    assert err >= 10 * BANK_TOL, f"RoPE on pointer slots went unnoticed: {err:.2e}"
+    print(f"mutations: unmasked {rel_err(bad, ref):.2e}, rope on pointers {err:.2e}")
+
+
+def test_static_bank_falls_back_and_counts(mem_attn):
+    bank = make_bank(mem_attn, extra_cond_frames=1)  # buckets 7 and 8 frames
+    out, ref = run_both(mem_attn, bank, 8, 3, 6, 16)  # 9 frames: beyond the largest bucket
+    assert torch.equal(out, ref)
+    assert bank.counters["bank_fallbacks"] == 1
+    assert bank.counters["bank_fallback: more memory frames than the largest bucket"] == 1
+
+    curr, memory, curr_pos, memory_pos, _ = memory_inputs(8, 2, 0)
+    with torch.inference_mode(), pytest.raises(ValueError, match="whole number"):
+        bank(curr, memory[:-3], curr_pos, memory_pos[:-3], 0)  # the plain module's own error
+    assert bank.counters["bank_fallback: spatial memory is not a whole number of frames"] == 1
+    mem_attn.train()
+    try:
+        with torch.no_grad():
+            bank(curr, memory, curr_pos, memory_pos, 0)
+    finally:
+        mem_attn.eval()
+    assert bank.counters["bank_fallback: training mode (dropout)"] == 1
+
+
+def test_static_bank_widens_bf16_memories(mem_attn):
+    """Stored bf16 memories are upcast exactly, as the plain module widens them."""
+    bank = make_bank(mem_attn)
+    curr, memory, curr_pos, memory_pos, n_ptr = memory_inputs(8, 4, 5)
+    memory, memory_pos = memory.bfloat16(), memory_pos.bfloat16()
+    with torch.inference_mode():
+        ref = bank.plain(curr, memory, curr_pos=curr_pos, memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr)
+        out = bank(curr, memory, curr_pos, memory_pos, n_ptr)
+    assert out.dtype == ref.dtype == torch.float32
+    assert rel_err(out, ref) <= BANK_TOL
+
+
+# ----------------------------------------------------------------------------- predictor
+def build_predictor(vos_optimized: bool):
+    torch.manual_seed(0)  # the prompt encoder's random Fourier features are drawn at build time
+    pred = build_sam2_video_predictor(CONFIG, device="cpu", vos_optimized=vos_optimized,
+                                      hydra_overrides_extra=[f"++model.image_size={SIZE}"])
+    return sensitize_(pred, 0, obj_score_bias=2.0)  # bias: the object is present on most frames
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return make_clip(11, 72, 88, seed=1)
+
+
+def track(pred, clip) -> torch.Tensor:
+    """Prompts on frames 0, 2 and 4: from frame 9 on, 3 conditioning + 5 recent frames fill
+    8 of the 9-frame bucket (both bank buckets and their padding are used)."""
+    state = pred.init_state(clip)
+    pred.add_new_points_or_box(state, 0, 1, points=[[30, 36]], labels=[1])
+    pred.add_new_points_or_box(state, 2, 1, points=[[40, 36], [10, 10]], labels=[1, 0])
+    pred.add_new_points_or_box(state, 4, 1, box=[36, 20, 66, 50])
+    masks = [m for _, _, m in pred.propagate_in_video(state)]
+    return torch.stack(masks)  # (T, 1, 1, H, W) logits at video resolution
+
+
+@pytest.fixture(scope="module")
+def eager_logits(clip):
+    return track(build_predictor(False), clip)
+
+
+def test_vos_optimized_predictor_matches_eager(clip, eager_logits):
+    pred = build_predictor(True)
+    info = pred.runtime_info
+    assert info["settings"]["dtype"] == "float32" and info["autocast"] is None
+    assert info["static_bank"]["frame_buckets"] == (7, 9)
+    assert "cuda_graphs" in info["skipped"] and "compile" in info["skipped"]
+    fast = track(pred, clip)
+    err = rel_err(fast, eager_logits)
+    present = (eager_logits > 0).float().mean().item()
+    print(f"vos_optimized vs eager: rel err {err:.2e}; foreground fraction {present:.2f}; "
+          f"counters {dict(info['counters'])}")
+    assert 0.05 < present < 0.95, "the clip should show the object on part of the frames"
+    assert err <= TRACK_TOL
+    counters = info["counters"]
+    assert counters["bank_calls"] >= 5 and counters["bank_fallbacks"] == 0
+    assert counters["bank_bucket_9"] > 0  # three conditioning frames + recent ones
+
+
+def test_vos_optimized_tracking_notices_a_broken_bank(clip, eager_logits):
+    pred = build_predictor(True)
+    unmasked = sb._attention_mask
+    try:
+        sb._attention_mask = lambda key_ok: None
+        bad = track(pred, clip)
+    finally:
+        sb._attention_mask = unmasked
+    assert rel_err(bad, eager_logits) >= 10 * TRACK_TOL
+
+
+def test_enable_is_reversible_and_keeps_the_state_dict():
+    pred = build_predictor(False)
+    keys = list(pred.state_dict())
+    enable_fast_runtime(pred)
+    assert list(pred.state_dict()) == keys
+    assert "forward" in pred.memory_attention.__dict__  # routed through the bank
+    enable_fast_runtime(pred, static_bank=False)  # reconfiguring replaces the old setup
+    assert "forward" not in pred.memory_attention.__dict__
+    assert "static_bank" in pred.runtime_info["skipped"]
+    disable_fast_runtime(pred)
+    assert not hasattr(pred, "runtime_info")
+    with pytest.raises(ValueError, match="CUDA"):
+        enable_fast_runtime(pred, cuda_graphs=True)
+    with pytest.raises(TypeError, match="SAM 2 model"):
+        enable_fast_runtime(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_cpu_and_cuda_policies():
+    cpu = runtime_settings("cpu")
+    assert (cpu.dtype, cpu.compile, cpu.cuda_graphs, cpu.static_bank, cpu.allow_tf32) == \
+        (torch.float32, False, False, True, False)
+    assert cpu.inductor_config == {}
+    gpu = runtime_settings("cuda")  # the policy itself needs no GPU to be inspected
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        pytest.skip("pre-Ampere GPU: fp32 policy")
+    assert (gpu.dtype, gpu.compile, gpu.cuda_graphs, gpu.allow_tf32) == (torch.bfloat16, True, True, True)
+    for part, kwargs in gpu.compile_kwargs.items():
+        assert kwargs["mode"] == "max-autotune-no-cudagraphs" and kwargs["fullgraph"] and not kwargs["dynamic"]
+    assert gpu.inductor_config["coordinate_descent_tuning"] is True
+    fp32_gpu = runtime_settings("cuda", dtype=torch.float32)
+    assert not fp32_gpu.allow_tf32  # an fp32 run is a parity run
+    for s in (cpu, gpu):
+        for key in ("dtype", "compile", "cuda_graphs", "static_bank", "compile.mode", "inductor_config"):
+            assert s.reasons[key], f"no reason recorded for {key}"
+    with pytest.raises(ValueError, match="static_bank"):
+        runtime_settings("cuda", cuda_graphs=True, static_bank=False)
+
+
+def test_graphed_step_passes_cpu_calls_through():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    step = GraphedStep(fn, "toy")
+    with torch.inference_mode():
+        assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
+    assert calls == [1] and not step._graphs
+
+
+# ----------------------------------------------------------------------------- compile (CPU)
+def test_compiled_bank_and_memory_encoder_match_eager(mem_attn):
+    """torch.compile (aot_eager: dynamo + AOT autograd, no codegen) with fullgraph=True:
+    proves the static-shape steps trace without graph breaks and keep their numerics."""
+    torch._dynamo.reset()
+    bank = make_bank(mem_attn)
+    curr, memory, curr_pos, memory_pos, n_ptr = memory_inputs(8, 3, 6, batch=1)
+    with torch.inference_mode():
+        ref = bank(curr, memory, curr_pos, memory_pos, n_ptr)
+        bank.core = torch.compile(bank.padded_forward, backend="aot_eager", fullgraph=True, dynamic=False)
+        out = bank(curr, memory, curr_pos, memory_pos, n_ptr)
+        # a different fill of the same bucket reuses the compiled graph (no recompile)
+        curr2, memory2, pos2, mpos2, n2 = memory_inputs(8, 5, 2, batch=1, seed=5)
+        out2 = bank(curr2, memory2, pos2, mpos2, n2)
+        ref2 = bank.plain(curr2, memory2, curr_pos=pos2, memory_pos=mpos2, num_obj_ptr_tokens=n2)
+    assert rel_err(out, ref) <= BANK_TOL and rel_err(out2, ref2) <= BANK_TOL
+
+    from sam2_fast.modeling.memory_encoder import build_memory_encoder
+
+    enc = sensitize_(build_memory_encoder(resolve_config(CONFIG)).eval(), 4)
+    g = torch.Generator().manual_seed(9)
+    pix, mask = torch.randn(1, 256, 8, 8, generator=g), torch.randn(1, 1, 128, 128, generator=g)
+    with torch.inference_mode():
+        want = enc(pix, mask)["vision_features"]
+        compiled = torch.compile(enc.forward, backend="aot_eager", fullgraph=True, dynamic=False)
+        got = compiled(pix, mask)["vision_features"]
+    assert rel_err(got, want) <= BANK_TOL
+
+
+# ----------------------------------------------------------------------------- CUDA
+# bf16 tolerance: bf16 keeps 8 significant bits, so each rounding has relative error
+# <= 2^-8. Independent roundings along a chain of d stages add up like a random walk,
+# ~sqrt(d) * 2^-8. The tiny model's per-frame path has d ~ 50 stages (12 Hiera blocks x 2
+# residual branches, FPN, 4 memory-attention layers x 3 branches, 2 decoder blocks x 4,
+# upscaling), so sqrt(50) * 2^-8 ~ 0.028; a factor 4 covers the unit-gain sensitive
+# weights and the tracking feedback over a few frames.
+BF16_UNIT = 2.0 ** -8
+BF16_TRACK_TOL = 4 * math.sqrt(50) * BF16_UNIT
+
+
+def build_cuda_predictor():
+    torch.manual_seed(0)
+    pred = build_sam2_video_predictor(CONFIG, device="cuda", hydra_overrides_extra=[f"++model.image_size={SIZE}"])
+    return sensitize_(pred, 0, obj_score_bias=2.0)
+
+
+def cuda_track(pred, clip) -> torch.Tensor:
+    return track(pred, clip[:6]).float().cpu()
+
+
+@cuda_test
+def test_cuda_graphs_match_eager_fp32(clip):
+    eager = cuda_track(build_cuda_predictor(), clip)
+    pred = enable_fast_runtime(build_cuda_predictor(), dtype=torch.float32, compile=False, cuda_graphs=True)
+    graphed = cuda_track(pred, clip)
+    counters = pred.runtime_info["counters"]
+    assert counters["graph_captures[memory_attention]"] >= 1
+    assert counters["graph_replays[image_encoder]"] >= 1, dict(counters)
+    assert not any(k.startswith("graph_capture_failed") for k in counters), dict(counters)
+    assert rel_err(graphed, eager) <= TRACK_TOL
+
+
+@cuda_test
+def test_bf16_runtime_matches_fp32_eager(clip):
+    eager = cuda_track(build_cuda_predictor(), clip)
+    pred = enable_fast_runtime(build_cuda_predictor(), compile=False, cuda_graphs=False)
+    assert pred.runtime_info["autocast"] == "bfloat16"
+    fast = cuda_track(pred, clip)
+    err = rel_err(fast, eager)
+    agree = ((fast > 0) == (eager > 0)).float().mean().item()
+    print(f"bf16 vs fp32: rel err {err:.3e} (tol {BF16_TRACK_TOL:.3f}), mask agreement {agree:.4f}")
+    assert err <= BF16_TRACK_TOL and agree >= 0.97
+
+
+@cuda_test
+def test_full_runtime_compiled_graphed_bf16(clip):
+    eager = cuda_track(build_cuda_predictor(), clip)
+    pred = enable_fast_runtime(build_cuda_predictor())  # the vos_optimized defaults
+    info = pred.runtime_info
+    assert set(info["compiled"]) == {"image_encoder", "memory_encoder", "mask_decoder", "memory_attention"}
+    assert info["cuda_graphs"]
+    fast = cuda_track(pred, clip)
+    assert rel_err(fast, eager) <= BF16_TRACK_TOL, dict(info["counters"])
+
+
+@cuda_test
+def test_graphed_step_recaptures_per_signature():
+    lin = torch.nn.Linear(16, 8).cuda()
+    step = GraphedStep(lambda x, scale: lin(x) * scale, "toy")
+    with torch.inference_mode():
+        outs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        for rows, scale in ((3, 2.0), (3, 2.0), (5, 2.0), (3, 0.5)):
+            x = torch.randn(rows, 16, device="cuda")
+            outs.append((step(x, scale), lin(x) * scale))
+    for got, want in outs:
+        assert rel_err(got, want) <= 1e-6
+    assert step.counters["graph_captures[toy]"] == 3  # (3, 2.0), (5, 2.0), (3, 0.5)
+    assert step.counters["graph_replays[toy]"] == 4
