@@ -27,7 +27,8 @@ from sam2_fast.config import resolve_config  # noqa: E402
 from sam2_fast.modeling.memory_attention import build_memory_attention  # noqa: E402
 from sam2_fast.runtime import disable_fast_runtime, enable_fast_runtime, runtime_settings  # noqa: E402
 from sam2_fast.runtime import static_bank as sb  # noqa: E402
-from sam2_fast.runtime.graphs import GraphedStep  # noqa: E402
+from sam2_fast.runtime.graphs import GraphedStep, install_graphs  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
 
 BANK_TOL = 1e-5  # fp32: padding only changes the summation order of the softmax
 TRACK_TOL = 1e-4
@@ -284,6 +285,72 @@ def test_graphed_step_passes_cpu_calls_through():
     assert calls == [1] and not step._graphs
 
 
+class ReplayByRerun:
+    """CPU stand-in for CUDA graph capture with the same buffer semantics: the outputs of
+    "capture" are fixed tensors that every replay overwrites in place, and a replay reads
+    only the captured (static) input tensors. Bookkeeping bugs in GraphedStep (an input not
+    copied in, a static buffer not read in place, an output handed out without a clone)
+    then show up as wrong masks on CPU."""
+
+    device_type = "cpu"
+
+    def capture(self, run, warmup):
+        for _ in range(warmup):
+            run()
+        outputs = run()
+
+        def replay():
+            fresh = pytree.tree_leaves(run())
+            for dst, src in zip(pytree.tree_leaves(outputs), fresh):
+                dst.copy_(src)
+
+        return replay, outputs
+
+    def recover(self):
+        pass
+
+
+def test_graph_bookkeeping_on_cpu_stand_in(clip, eager_logits):
+    """Every per-frame step replayed through GraphedStep (with the stand-in backend) tracks
+    the clip like the eager predictor."""
+    pred = build_predictor(True)
+    counters = pred.runtime_info["counters"]
+    steps, undo = install_graphs(pred, pred._fast_runtime_bank, counters, backend=ReplayByRerun())
+    try:
+        replayed = track(pred, clip)
+    finally:
+        for fn in reversed(undo):
+            fn()
+    names = list(steps)
+    assert names == ["image_encoder", "mask_decoder", "memory_encoder", "memory_attention"]
+    err = rel_err(replayed, eager_logits)
+    print(f"stand-in graphs vs eager: rel err {err:.2e}; {dict(counters)}")
+    assert err <= TRACK_TOL
+    for name in names:
+        assert counters[f"graph_replays[{name}]"] > counters[f"graph_captures[{name}]"] >= 1
+    assert counters["graph_captures[memory_attention]"] == 2  # one per bank bucket
+    assert not any(k.startswith("graph_capture_failed") for k in counters)
+
+
+def test_graph_stand_in_catches_a_missing_output_clone(clip, eager_logits):
+    """Mutation: handing out the replay buffers themselves (no clone) corrupts stored outputs
+    (or the captured structure itself: forward_image edits the returned feature list)."""
+    pred = build_predictor(True)
+    steps, undo = install_graphs(pred, pred._fast_runtime_bank, pred.runtime_info["counters"],
+                                 backend=ReplayByRerun())
+    for step in steps.values():
+        step.clone_outputs = False
+    try:
+        broken = track(pred, clip)
+    except RuntimeError as exc:  # shapes of the captured outputs were changed in place
+        assert "size" in str(exc)
+        return
+    finally:
+        for fn in reversed(undo):
+            fn()
+    assert rel_err(broken, eager_logits) >= 10 * TRACK_TOL
+
+
 # ----------------------------------------------------------------------------- compile (CPU)
 def test_compiled_bank_and_memory_encoder_match_eager(mem_attn):
     """torch.compile (aot_eager: dynamo + AOT autograd, no codegen) with fullgraph=True:
@@ -331,42 +398,57 @@ def build_cuda_predictor():
 
 
 def cuda_track(pred, clip) -> torch.Tensor:
-    return track(pred, clip[:6]).float().cpu()
+    return track(pred, clip).float().cpu()
+
+
+def fast_cuda_track(clip, **runtime) -> Tuple[torch.Tensor, dict]:
+    """Track with the fast runtime, then undo it (TF32 and inductor settings are global)."""
+    pred = enable_fast_runtime(build_cuda_predictor(), **runtime)
+    info = pred.runtime_info
+    try:
+        return cuda_track(pred, clip), info
+    finally:
+        disable_fast_runtime(pred)
+
+
+@pytest.fixture(scope="module")
+def cuda_eager(clip):
+    return cuda_track(build_cuda_predictor(), clip)
 
 
 @cuda_test
-def test_cuda_graphs_match_eager_fp32(clip):
-    eager = cuda_track(build_cuda_predictor(), clip)
-    pred = enable_fast_runtime(build_cuda_predictor(), dtype=torch.float32, compile=False, cuda_graphs=True)
-    graphed = cuda_track(pred, clip)
-    counters = pred.runtime_info["counters"]
-    assert counters["graph_captures[memory_attention]"] >= 1
-    assert counters["graph_replays[image_encoder]"] >= 1, dict(counters)
+def test_cuda_graphs_match_eager_fp32(clip, cuda_eager):
+    graphed, info = fast_cuda_track(clip, dtype=torch.float32, compile=False, cuda_graphs=True)
+    counters = info["counters"]
+    assert info["cuda_graphs"] == ["image_encoder", "mask_decoder", "memory_encoder", "memory_attention"]
     assert not any(k.startswith("graph_capture_failed") for k in counters), dict(counters)
-    assert rel_err(graphed, eager) <= TRACK_TOL
+    assert counters["graph_captures[memory_attention]"] == 2, dict(counters)  # one per bucket
+    assert counters["graph_replays[image_encoder]"] >= 1, dict(counters)
+    err = rel_err(graphed, cuda_eager)
+    print(f"CUDA graphs vs eager (fp32): rel err {err:.2e}")
+    assert err <= TRACK_TOL
 
 
 @cuda_test
-def test_bf16_runtime_matches_fp32_eager(clip):
-    eager = cuda_track(build_cuda_predictor(), clip)
-    pred = enable_fast_runtime(build_cuda_predictor(), compile=False, cuda_graphs=False)
-    assert pred.runtime_info["autocast"] == "bfloat16"
-    fast = cuda_track(pred, clip)
-    err = rel_err(fast, eager)
-    agree = ((fast > 0) == (eager > 0)).float().mean().item()
+def test_bf16_runtime_matches_fp32_eager(clip, cuda_eager):
+    fast, info = fast_cuda_track(clip, compile=False, cuda_graphs=False)
+    assert info["autocast"] == "bfloat16" and info["tf32"]
+    err = rel_err(fast, cuda_eager)
+    agree = ((fast > 0) == (cuda_eager > 0)).float().mean().item()
     print(f"bf16 vs fp32: rel err {err:.3e} (tol {BF16_TRACK_TOL:.3f}), mask agreement {agree:.4f}")
     assert err <= BF16_TRACK_TOL and agree >= 0.97
 
 
 @cuda_test
-def test_full_runtime_compiled_graphed_bf16(clip):
-    eager = cuda_track(build_cuda_predictor(), clip)
-    pred = enable_fast_runtime(build_cuda_predictor())  # the vos_optimized defaults
-    info = pred.runtime_info
+def test_full_runtime_compiled_graphed_bf16(clip, cuda_eager):
+    fast, info = fast_cuda_track(clip)  # the vos_optimized defaults
     assert set(info["compiled"]) == {"image_encoder", "memory_encoder", "mask_decoder", "memory_attention"}
-    assert info["cuda_graphs"]
-    fast = cuda_track(pred, clip)
-    assert rel_err(fast, eager) <= BF16_TRACK_TOL, dict(info["counters"])
+    assert info["cuda_graphs"] and not info["skipped"].get("cuda_graphs")
+    counters = info["counters"]
+    assert not any(k.startswith("graph_capture_failed") for k in counters), dict(counters)
+    err = rel_err(fast, cuda_eager)
+    print(f"bf16 + compile + graphs vs fp32 eager: rel err {err:.3e}; {dict(counters)}")
+    assert err <= BF16_TRACK_TOL
 
 
 @cuda_test

@@ -190,7 +190,7 @@ def _compile_parts(predictor, s: RuntimeSettings, bank, undo, info, skipped) -> 
 
 
 def _graph_parts(predictor, s: RuntimeSettings, bank, counters, undo, info, skipped, device) -> None:
-    from sam2_fast.runtime.graphs import graph_method, graphs_unavailable_reason
+    from sam2_fast.runtime.graphs import graphs_unavailable_reason, install_graphs
 
     info["cuda_graphs"] = []
     if not s.cuda_graphs:
@@ -200,13 +200,6 @@ def _graph_parts(predictor, s: RuntimeSettings, bank, counters, undo, info, skip
     if reason is not None:
         skipped["cuda_graphs"] = reason
         return
-    # the bank core reads the staged buffers in place: (curr, curr_pos, mem, mem_pos, key_ok, cos, sin)
-    steps = [(predictor.image_encoder, "forward", "image_encoder", ()),
-             (predictor.sam_mask_decoder, "forward", "mask_decoder", ()),
-             (predictor.memory_encoder, "forward", "memory_encoder", ())]
-    if bank is not None:
-        steps.append((bank, "core", "memory_attention", (2, 3, 4, 5, 6)))
-    for owner, attr, name, static in steps:
-        _, undo_one = graph_method(owner, attr, name, counters, static_argnums=static)
-        undo.append(undo_one)
-        info["cuda_graphs"].append(name)
+    graphed, undo_graphs = install_graphs(predictor, bank, counters)
+    undo.extend(undo_graphs)
+    info["cuda_graphs"] = list(graphed)

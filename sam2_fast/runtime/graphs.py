@@ -41,10 +41,35 @@ def graphs_unavailable_reason(device: "torch.device | str") -> Optional[str]:
 
 
 class _Captured:
-    __slots__ = ("graph", "inputs", "outputs")
+    __slots__ = ("replay", "inputs", "outputs")
 
-    def __init__(self, graph: "torch.cuda.CUDAGraph", inputs: List[Any], outputs: Any) -> None:
-        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+    def __init__(self, replay: Callable[[], None], inputs: List[Any], outputs: Any) -> None:
+        self.replay, self.inputs, self.outputs = replay, inputs, outputs
+
+
+class CudaGraphBackend:
+    """Warm-up on a side stream, then capture into a ``torch.cuda.CUDAGraph`` (private pool).
+
+    Kept separate from :class:`GraphedStep` so the bookkeeping around it (signatures,
+    static inputs, cloned outputs) can be exercised on CPU with a stand-in backend.
+    """
+
+    device_type = "cuda"
+
+    def capture(self, run: Callable[[], Any], warmup: int) -> Tuple[Callable[[], None], Any]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()  # recorded, not executed: the caller replays before reading
+        return graph.replay, outputs
+
+    def recover(self) -> None:
+        torch.cuda.synchronize()
 
 
 def _signature(leaves: Sequence[Any], spec: Any) -> Hashable:
@@ -68,8 +93,12 @@ class GraphedStep:
     """
 
     def __init__(self, fn: Callable[..., Any], name: str, *, warmup: int = 3, max_graphs: int = 8,
-                 static_argnums: Sequence[int] = (), counters: Optional[collections.Counter] = None) -> None:
+                 static_argnums: Sequence[int] = (), counters: Optional[collections.Counter] = None,
+                 backend: Optional[Any] = None) -> None:
         self.fn, self.name = fn, name
+        self.backend = backend if backend is not None else CudaGraphBackend()
+        # False only for callers that consume each output before the next call (tests mutate it)
+        self.clone_outputs = True
         self.warmup, self.max_graphs = warmup, max_graphs
         self.static_argnums = frozenset(static_argnums)
         self.counters = counters if counters is not None else collections.Counter()
@@ -81,7 +110,7 @@ class GraphedStep:
             self.counters[f"graph_eager[{self.name}]: grad enabled"] += 1
             return self.fn(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        if any(isinstance(t, Tensor) and t.device.type != "cuda" for t in leaves):
+        if any(isinstance(t, Tensor) and t.device.type != self.backend.device_type for t in leaves):
             return self.fn(*args, **kwargs)
         key = _signature(leaves, spec)
         if key not in self._graphs:
@@ -97,8 +126,10 @@ class GraphedStep:
         for dst, src in zip(entry.inputs, leaves):
             if isinstance(dst, Tensor) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)  # a static argument in a new buffer is copied like any other
-        entry.graph.replay()
+        entry.replay()
         self.counters[f"graph_replays[{self.name}]"] += 1
+        if not self.clone_outputs:
+            return entry.outputs
         # clone: the next replay overwrites the graph's outputs in place
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.outputs)
 
@@ -111,22 +142,14 @@ class GraphedStep:
         inputs = self._static_inputs(leaves, static_ids)
         args, kwargs = pytree.tree_unflatten(inputs, spec)
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(*args, **kwargs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self.fn(*args, **kwargs)
+            replay, outputs = self.backend.capture(lambda: self.fn(*args, **kwargs), self.warmup)
         except Exception as exc:  # capture is an optimisation: fall back to eager, say why
-            torch.cuda.synchronize()
+            self.backend.recover()
             self.errors[key] = f"{type(exc).__name__}: {exc}"
             self.counters[f"graph_capture_failed[{self.name}]"] += 1
             return None
         self.counters[f"graph_captures[{self.name}]"] += 1
-        return _Captured(graph, inputs, outputs)
+        return _Captured(replay, inputs, outputs)
 
     def reset(self) -> None:
         """Drop every captured graph (their memory pools are freed with them)."""
@@ -135,12 +158,14 @@ class GraphedStep:
 
 
 def graph_method(owner: Any, attr: str, name: str, counters: collections.Counter,
-                 static_argnums: Sequence[int] = ()) -> Tuple[GraphedStep, Callable[[], None]]:
+                 static_argnums: Sequence[int] = (), backend: Optional[Any] = None
+                 ) -> Tuple[GraphedStep, Callable[[], None]]:
     """Replace ``owner.<attr>`` (a callable attribute, e.g. a module's forward) by a graphed
     version of its current value; returns (the step, undo)."""
     had = attr in owner.__dict__
     old = owner.__dict__.get(attr)
-    step = GraphedStep(getattr(owner, attr), name, static_argnums=static_argnums, counters=counters)
+    step = GraphedStep(getattr(owner, attr), name, static_argnums=static_argnums, counters=counters,
+                       backend=backend)
     setattr(owner, attr, step)
 
     def undo() -> None:
@@ -151,3 +176,25 @@ def graph_method(owner: Any, attr: str, name: str, counters: collections.Counter
             owner.__dict__.pop(attr, None)
 
     return step, undo
+
+
+# The bank core reads the staged buffers in place: (curr, curr_pos, mem, mem_pos, key_ok, k_cos, k_sin).
+BANK_STATIC_ARGNUMS = (2, 3, 4, 5, 6)
+
+
+def install_graphs(predictor: Any, bank: Optional[Any], counters: collections.Counter,
+                   backend: Optional[Any] = None) -> Tuple[Dict[str, GraphedStep], List[Callable[[], None]]]:
+    """Graph the per-frame steps of a predictor: image encoder (fixed input), mask decoder and
+    memory encoder (one graph per object count / prompt shape) and, with a static bank, the
+    memory attention (one graph per bucket). Returns ({name: step}, undo functions)."""
+    steps = [(predictor.image_encoder, "forward", "image_encoder", ()),
+             (predictor.sam_mask_decoder, "forward", "mask_decoder", ()),
+             (predictor.memory_encoder, "forward", "memory_encoder", ())]
+    if bank is not None:
+        steps.append((bank, "core", "memory_attention", BANK_STATIC_ARGNUMS))
+    graphed, undo = {}, []
+    for owner, attr, name, static in steps:
+        graphed[name], undo_one = graph_method(owner, attr, name, counters, static_argnums=static,
+                                               backend=backend)
+        undo.append(undo_one)
+    return graphed, undo
