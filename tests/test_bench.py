@@ -126,7 +126,7 @@ def test_profile_writes_report(tmp_path):
     args = profile.build_parser().parse_args(
         TINY + ["--impl", impl, "--profile-frames", "2", "--out", str(tmp_path / "profiles")])
     out = profile.run(args, log=lambda *a: None)
-    folder = tmp_path / "profiles" / "cpu" / "tiny"
+    folder = tmp_path / "profiles" / "cpu" / ("tiny" if impl == "ours" else "reference-tiny")
     assert out["out_dir"] == str(folder)
     for name in ("report.md", "latency.png", "memory.png", "stages.png", "summary.json"):
         assert (folder / name).stat().st_size > 0, name

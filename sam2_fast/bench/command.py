@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import sys
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -82,6 +83,8 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
                    help="keep fill_hole_area post-processing (the pip reference skips it without its CUDA extension)")
     p.add_argument("--no-floor", action="store_true", help="skip the matmul-rate measurement")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and CSV files")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run: rows that would start too late are reported n/a (GPU check)")
     return p
 
 
@@ -106,24 +109,32 @@ def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
         want = None if args.dtype == "fp32" else torch.bfloat16
         rows = [(r, why) for r, why in rows if r.golden or r.autocast == want]
     all_results = []
-    for objects in counts:
+    start = time.monotonic()
+    for i, objects in enumerate(counts):
+        # Each object count gets its share of the budget (unused time carries over).
+        deadline = start + args.time_budget * (i + 1) / len(counts) if args.time_budget else None
         clip = make_clip(args, objects)
         case = Case(model=args.model, image_size=args.image_size or None, frames=len(clip.frames), objects=objects,
                     resolution=f"{clip.height}x{clip.width}", video=args.video, checkpoint=args.checkpoint,
                     device=str(device), repeats=args.repeats, seed=args.seed, fill_holes=args.fill_holes)
         log(f"\ncase: model {case.model}, image_size {case.image_size or 'model default'}, {case.frames} frames of "
             f"{clip.source}, ours = {ours.label}")
-        results = run_rows(rows, case, clip, ours, ref, device, log=log)
-        floor = report.floor_summary(results, matmul)
-        log("\n" + report.main_table(results))
-        if floor["stage_flops"]:
-            log("\nper stage (mean of tracked frames):\n" + report.stage_table(results, floor))
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         stem = f"{args.model}_{case.resolution}_{objects}obj_{stamp}"
         case_dict = dataclasses.asdict(case)
         case_dict["source"] = clip.source
         case_dict["ours_label"] = ours.label
-        paths = report.write(f"{args.out}/{card_slug(device)}", stem, meta, case_dict, floor, results)
+        out_dir = f"{args.out}/{card_slug(device)}"
+
+        def save(results):  # after every row, so a killed run still leaves its rows behind
+            report.write(out_dir, stem, meta, case_dict, report.floor_summary(results, matmul), results)
+
+        results = run_rows(rows, case, clip, ours, ref, device, log=log, deadline=deadline, on_row=save)
+        floor = report.floor_summary(results, matmul)
+        log("\n" + report.main_table(results))
+        if floor["stage_flops"]:
+            log("\nper stage (mean of tracked frames):\n" + report.stage_table(results, floor))
+        paths = report.write(out_dir, stem, meta, case_dict, floor, results)
         log(f"wrote {paths['json']} and {paths['csv']}")
         all_results.append({"case": case_dict, "rows": results, "floor": floor, "paths": paths})
     return all_results

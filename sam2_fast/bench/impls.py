@@ -140,19 +140,27 @@ def disable_hole_filling(predictor) -> bool:
 
 @contextlib.contextmanager
 def quiet_reference():
-    """Silence the reference's per-run progress bars and missing-extension warnings."""
+    """Silence per-run progress bars (both implementations) and missing-extension warnings."""
+    import sys
     import warnings
 
     patches = []
     try:
-        import sam2.sam2_video_predictor as ref_mod
-
-        # tqdm reads TQDM_DISABLE only at import time, so swap the bar for a pass-through.
-        patches.append(mock.patch.object(ref_mod, "tqdm", lambda it, *a, **k: it))
-    except Exception:  # noqa: BLE001 - reference not installed: nothing to silence
-        pass
+        from tqdm import tqdm as bar_class
+    except Exception:  # noqa: BLE001 - no tqdm: nothing prints bars
+        bar_class = None
+    # tqdm reads TQDM_DISABLE only when it is imported, so swap the bar for a pass-through
+    # in every predictor module that holds it.
+    for name, mod in list(sys.modules.items()):
+        if bar_class is not None and (name.startswith("sam2.") or name.startswith("sam2_fast.")) \
+                and getattr(mod, "tqdm", None) is bar_class:
+            patches.append(mock.patch.object(mod, "tqdm", _no_bar))
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         for p in patches:
             stack.enter_context(p)
         yield
+
+
+def _no_bar(iterable, *args, **kwargs):
+    return iterable

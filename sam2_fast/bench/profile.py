@@ -118,8 +118,11 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                          + ("; try --impl reference" if args.impl == "ours" else ""))
     clip = make_clip(args, args.objects)
     card = card_slug(device)
-    out_dir = os.path.join(args.out, card, args.model)
-    trace_dir = os.path.join(args.traces or os.path.join(args.out, "_traces"), card, args.model)
+    # Ours under <model>/, the reference beside it so both can be compared.
+    folder = args.model if args.impl == "ours" else f"reference-{args.model}"
+    folder += "-compiled" if args.compile else ""
+    out_dir = os.path.join(args.out, card, folder)
+    trace_dir = os.path.join(args.traces or os.path.join(args.out, "_traces"), card, folder)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(trace_dir, exist_ok=True)
     log(f"profiling {impl.label} {args.model} ({dtype}{', compiled' if args.compile else ''}) on {device}: "
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
 
             sensitize_(predictor, seed=args.seed, obj_score_bias=2.0)
         impls.disable_hole_filling(predictor)
-        with autocast:
+        with autocast, impls.quiet_reference():  # again: the build imported more modules
             state = impls.init_state(impl, predictor, clip.frames, device)
             impls.add_clicks(predictor, state, clip.clicks)
             t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
         if not case.fill_holes:
             res["hole_filling_off"] = impls.disable_hole_filling(predictor)
         res["build_s"] = time.perf_counter() - t0
-        with _autocast(row, device):
+        with _autocast(row, device), impls.quiet_reference():  # again: build imported more modules
             t0 = time.perf_counter()
             state = impls.init_state(impl, predictor, clip.frames, device)
             impls.add_clicks(predictor, state, clip.clicks)
@@ -222,22 +222,47 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
     return res
 
 
+COMPILE_RESERVE_S = 240.0  # a compiling row is not started with less time than this left
+ROW_RESERVE_S = 30.0
+
+
+def _order(row: RowSpec) -> int:
+    """Golden first, then the cheap reference row, our ladder, and the slow compiled reference last."""
+    if row.golden:
+        return 0
+    if row.impl == "reference":
+        return 3 if row.compiles else 1
+    return 2
+
+
 def run_rows(rows: Sequence[tuple], case: Case, clip: Clip, ours: impls.Impl, ref: impls.Impl,
-             device: torch.device, log=print) -> List[Dict[str, object]]:
-    """Run (row, skip_reason) pairs in order; the first successful fp32 row is the golden."""
+             device: torch.device, log=print, deadline: Optional[float] = None,
+             on_row: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
+    """Run (row, skip_reason) pairs; the first successful fp32 row is the accuracy golden.
+
+    ``deadline`` (``time.monotonic()`` value): rows that would start too late to finish are
+    reported as n/a instead, so a time-limited run always ends with its report written.
+    ``on_row`` gets the results so far after every row (for incremental report files).
+    """
     weights = shared_weights(case, ours, ref, device) if (ours.available or ref.available) else None
     results: List[Dict[str, object]] = []
     golden: Optional[Outputs] = None
     golden_key: Optional[str] = None
     # Golden first: the reference fp32 when it runs, else our fp32 row.
-    ordered = [rr for rr in rows if rr[0].golden] + [rr for rr in rows if not rr[0].golden]
+    ordered = sorted(rows, key=lambda rr: _order(rr[0]))  # stable: keeps the ladder's order
     for row, reason in ordered:
         impl = ref if row.impl == "reference" else ours
         if reason is None and not impl.available:
             reason = impl.missing
+        if reason is None and deadline is not None:
+            left = deadline - time.monotonic()
+            if left < (COMPILE_RESERVE_S if row.compiles else ROW_RESERVE_S):
+                reason = f"time budget: {max(left, 0):.0f}s left when this row was due"
         if reason is not None:
             log(f"  [{row.key}] n/a: {reason}")
             results.append({"key": row.key, "impl": row.impl, "title": row.title, "status": "n/a", "reason": reason})
+            if on_row is not None:
+                on_row(results)
             continue
         is_fp32 = row.autocast is None
         log(f"  [{row.key}] {row.title}")
@@ -249,6 +274,8 @@ def run_rows(rows: Sequence[tuple], case: Case, clip: Clip, ours: impls.Impl, re
             log(f"  [{row.key}] error: {exc.__class__.__name__}: {exc}")
             results.append({"key": row.key, "impl": row.impl, "title": row.title, "status": "error",
                             "reason": f"{exc.__class__.__name__}: {exc}", "traceback": traceback.format_exc(limit=6)})
+            if on_row is not None:
+                on_row(results)
             continue
         outs = res.pop("_outputs")
         if golden is None and is_fp32:
@@ -258,4 +285,6 @@ def run_rows(rows: Sequence[tuple], case: Case, clip: Clip, ours: impls.Impl, re
             res["accuracy_vs"] = golden_key
         results.append(res)
         del outs
+        if on_row is not None:
+            on_row(results)
     return results

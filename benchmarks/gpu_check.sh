@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU check, for a lent GPU machine (torch 2.11 / triton 3.6 / Python 3.12, no internet).
+# Run from the repository root, one step per device-tool call, in this priority order:
+#
+#   bash benchmarks/gpu_check.sh correctness   # pytest -m cuda (kernels, bf16 numerics, graphs, parity)
+#   bash benchmarks/gpu_check.sh bench         # side by side, tiny @480p, 1 and 8 objects, full ladder
+#   bash benchmarks/gpu_check.sh profile       # profile reports, ours tiny + large, reference tiny
+#   bash benchmarks/gpu_check.sh bench-large   # side by side, large @480p, 1 and 8 objects
+#   bash benchmarks/gpu_check.sh bench-refvos  # the reference's vos_optimized (max-autotune) rows
+#
+# Each step needs the wheels from scripts/prepare_gpu_wheels.sh (carry ".wheels"), installs
+# them and this package offline, ends well inside the tool's 10 minutes (an internal time
+# budget plus a hard `timeout`), and packs everything it produced into ONE archive,
+# $OUT/gpu_check_<step>.tar.gz, next to a copy of its log. See benchmarks/README.md.
+set -uo pipefail
+
+STEP="${1:-}"
+case "$STEP" in
+    correctness|bench|bench-large|bench-refvos|profile) ;;
+    *) echo "usage: $0 correctness|bench|profile|bench-large|bench-refvos" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+OUT="${OUT:-$ROOT/gpu_out}"
+WORK="/tmp/gpu_check/$STEP"
+LIMIT="${GPU_CHECK_LIMIT:-540}"   # hard stop for the step's main command (seconds)
+PY="${PYTHON:-python3}"
+WHEELS="${GPU_CHECK_WHEELS:-.wheels}"
+# GPU_CHECK_SMOKE=1 shrinks every case (image_size 128, 3 frames, 96x128 video) so that the
+# script's plumbing can be checked on a CPU machine (with PYTHON pointing at a scratch venv).
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    SIZE=(--image-size 128 --frames 3 --resolution 96x128); PSIZE=(--image-size 128 --frames 3 --resolution 96x128)
+    LADDER=auto; PROFILES=("tiny ours" "tiny reference")
+else
+    SIZE=(--resolution 480p); PSIZE=(--resolution 480p --frames 24 --profile-frames 6)
+    LADDER=all; PROFILES=("tiny ours" "large ours" "tiny reference")
+fi
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+LOG="$WORK/log.txt"
+exec > >(tee "$LOG") 2>&1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+pack() {
+    echo "== step $STEP finished after $(elapsed)s; packing"
+    cp "$LOG" "$OUT/gpu_check_${STEP}.log" 2>/dev/null
+    tar -czf "$OUT/gpu_check_${STEP}.tar.gz" -C "$WORK" . && ls -la "$OUT"
+}
+trap pack EXIT
+
+# ---- setup: environment record, wheels, this package --------------------------------------
+{
+    date -u; nvidia-smi; uname -a
+    "$PY" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(0))"
+} > "$WORK/env.txt" 2>&1
+head -20 "$WORK/env.txt"
+if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "error: no $WHEELS/*.whl here: run scripts/prepare_gpu_wheels.sh on a CPU machine and carry .wheels" >&2
+    exit 1
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl || exit 1
+if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile -e .; then
+    # Fallback without setuptools' editable mode: a copy of the tree with kernels/ placed
+    # where the package-dir mapping puts it (sam2_fast/kernels), run from that copy.
+    echo "editable install failed; running from a copy at /tmp/src"
+    rm -rf /tmp/src && mkdir -p /tmp/src && cp -r sam2_fast tests benchmarks pyproject.toml /tmp/src/
+    cp -r kernels /tmp/src/sam2_fast/kernels && cp -r .wheels /tmp/src/ 2>/dev/null
+    cd /tmp/src || exit 1
+fi
+"$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|sam2|sam2-fast|hydra-core|omegaconf|nvtx|av|pytest-benchmark) " \
+    | tee -a "$WORK/env.txt"
+"$PY" -c "import sam2_fast.kernels, sam2.build_sam, sam2_fast.bench.command" || exit 1
+echo "== setup done after $(elapsed)s"
+BUDGET=$(( LIMIT - $(elapsed) - 30 ))   # what the run may use, leaving time to print and pack
+
+bench() {  # bench <name> <args...>: one side-by-side run with the step's time budget
+    local name="$1"; shift
+    timeout -k 10 $(( LIMIT - $(elapsed) )) "$PY" -m sam2_fast.bench --out "$WORK/bench" --time-budget "$BUDGET" "$@" \
+        2>&1 | tee "$WORK/bench_${name}.txt"
+}
+
+case "$STEP" in
+correctness)
+    timeout -k 10 $(( LIMIT - $(elapsed) )) "$PY" -m pytest tests -m cuda -q -rA -p no:cacheprovider \
+        --junitxml="$WORK/junit_cuda.xml" 2>&1 | tail -n 400 | tee "$WORK/pytest_cuda.txt"
+    ;;
+bench)
+    bench tiny --model tiny --objects 1,8 --frames 48 "${SIZE[@]}" --ladder "$LADDER" \
+        --reference ref-eager-fp32,ref-bf16
+    ;;
+bench-large)
+    bench large --model large --objects 1,8 --frames 32 "${SIZE[@]}" --ladder "$LADDER" \
+        --reference ref-eager-fp32,ref-bf16
+    ;;
+bench-refvos)
+    # The reference compiles five modules with max-autotune: minutes before its first frame.
+    bench refvos --model tiny --objects 1 --frames 48 "${SIZE[@]}" --ladder none \
+        --reference ref-eager-fp32,ref-bf16,ref-vos
+    ;;
+profile)
+    per=$(( BUDGET / ${#PROFILES[@]} ))
+    for spec in "${PROFILES[@]}"; do
+        set -- $spec
+        timeout -k 10 "$per" "$PY" -m sam2_fast.cli profile --model "$1" --impl "$2" "${PSIZE[@]}" \
+            --out "$WORK/profiles" 2>&1 | tee -a "$WORK/profile.txt"
+    done
+    # Traces: keep them only while the archive stays well under the tool's 16 MiB per file.
+    if [ "$(du -sb "$WORK/profiles/_traces" 2>/dev/null | cut -f1)" -gt $(( 12 * 1024 * 1024 )) ]; then
+        echo "traces too large to bring back; dropped"; rm -rf "$WORK/profiles/_traces"
+    fi
+    ;;
+esac
