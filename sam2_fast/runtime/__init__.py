@@ -49,14 +49,15 @@ def _is_compiled(fn: Any) -> bool:
 _FP32_OUTPUT_KEYS = ("obj_ptr", "object_score_logits")
 
 
-def _autocast_method(fn: Callable[..., Any], dtype: torch.dtype, cache: bool, to_fp32: bool = False):
-    """``fn`` run under CUDA autocast. ``to_fp32``: small per-frame outputs that the session
+def _autocast_method(fn: Callable[..., Any], device_type: str, dtype: torch.dtype, cache: bool,
+                     to_fp32: bool = False):
+    """``fn`` run under autocast. ``to_fp32``: small per-frame outputs that the session
     stores go back to fp32, so the rest of the predictor sees the dtypes it does eagerly."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         # cache_enabled=False when graphs capture: cached casts would be freed after capture
-        with torch.autocast("cuda", dtype=dtype, cache_enabled=cache):
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=cache):
             out = fn(*args, **kwargs)
         if to_fp32 and isinstance(out, dict):
             for key in _FP32_OUTPUT_KEYS:
@@ -78,12 +79,14 @@ def disable_fast_runtime(predictor) -> Any:
 
 def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compile: Optional[bool] = None,
                         cuda_graphs: Optional[bool] = None, static_bank: Optional[bool] = None,
-                        compile_backend: Optional[str] = None, extra_cond_frames: int = 2):
+                        compile_backend: Optional[str] = None, compile_mode: Optional[str] = None,
+                        extra_cond_frames: int = 2):
     """Configure ``predictor`` (a SAM2Base / SAM2VideoPredictor) for fast tracking; returns it.
 
     ``None`` picks the device default (see :func:`runtime_settings`): on CUDA bf16 +
     compile + CUDA graphs + static bank; on CPU fp32 eager with the static bank.
-    ``compile_backend`` overrides the inductor backend (tests use "aot_eager" on CPU).
+    ``compile_backend`` overrides the inductor backend (tests use "aot_eager" on CPU);
+    ``compile_mode`` the torch.compile mode (default on CUDA: "max-autotune-no-cudagraphs").
     """
     for part in ("image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder", "track_step"):
         if not hasattr(predictor, part):
@@ -92,7 +95,7 @@ def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compi
     device = predictor.device
     s = runtime_settings(device, dtype=dtype, compile=compile, cuda_graphs=cuda_graphs,
                          static_bank=static_bank, compile_backend=compile_backend,
-                         extra_cond_frames=extra_cond_frames)
+                         compile_mode=compile_mode, extra_cond_frames=extra_cond_frames)
     counters: collections.Counter = collections.Counter()
     undo: List[Callable[[], None]] = []
     skipped: Dict[str, str] = {}
@@ -103,18 +106,14 @@ def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compi
         bank = _install_bank(predictor, s, counters, undo, info, skipped)
         _compile_parts(predictor, s, bank, undo, info, skipped)
         _graph_parts(predictor, s, bank, counters, undo, info, skipped, device)
-        if s.autocast and s.device_type == "cuda":
-            cache = not s.cuda_graphs
-            undo.append(_patch(predictor, "forward_image", _autocast_method(predictor.forward_image, s.dtype, cache)))
-            undo.append(_patch(predictor, "track_step",
-                               _autocast_method(predictor.track_step, s.dtype, cache, to_fp32=True)))
-            undo.append(_patch(predictor, "_encode_new_memory",
-                               _autocast_method(predictor._encode_new_memory, s.dtype, cache)))
+        info["autocast"] = None
+        if s.autocast:  # on CPU only when asked for (dtype=...): the CPU default is fp32
+            dev, cache = s.device_type, not s.cuda_graphs
+            for name in ("forward_image", "track_step", "_encode_new_memory"):
+                wrapped = _autocast_method(getattr(predictor, name), dev, s.dtype, cache,
+                                           to_fp32=(name == "track_step"))
+                undo.append(_patch(predictor, name, wrapped))
             info["autocast"] = str(s.dtype).replace("torch.", "")
-        else:
-            info["autocast"] = None
-            if s.autocast:
-                skipped["autocast"] = "autocast regions are CUDA-only here; CPU runs stay fp32"
     except BaseException:
         for fn in reversed(undo):
             fn()

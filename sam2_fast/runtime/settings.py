@@ -60,7 +60,7 @@ def _default_dtype(device_type: str) -> Tuple[torch.dtype, str]:
 def runtime_settings(device: "torch.device | str", *, dtype: Optional[torch.dtype] = None,
                      compile: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
                      static_bank: Optional[bool] = None, compile_backend: Optional[str] = None,
-                     extra_cond_frames: int = 2) -> RuntimeSettings:
+                     compile_mode: Optional[str] = None, extra_cond_frames: int = 2) -> RuntimeSettings:
     """The runtime configuration for ``device``; ``None`` arguments take the device default.
 
     Defaults: CUDA -> bf16, compile, CUDA graphs, static bank; CPU -> fp32 eager with the
@@ -111,15 +111,22 @@ def runtime_settings(device: "torch.device | str", *, dtype: Optional[torch.dtyp
                                     "more fall back to the plain module")
 
     backend = compile_backend or "inductor"
-    if on_cuda and backend == "inductor":
+    mode: Optional[str]
+    if compile_mode is not None:
+        if cuda_graphs and compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_mode={compile_mode!r} adds inductor's own CUDA graphs; with "
+                             "cuda_graphs=True use 'max-autotune-no-cudagraphs' or 'default'")
+        mode = compile_mode
+        reasons["compile.mode"] = "requested by the caller"
+    elif on_cuda and backend == "inductor":
         # our own CUDA graphs (graphs.py) capture whole steps; inductor's would nest inside them
-        mode: Optional[str] = "max-autotune-no-cudagraphs"
+        mode = "max-autotune-no-cudagraphs"
         reasons["compile.mode"] = "autotuned GEMM/conv templates; no inductor cudagraphs (graphs.py captures)"
     else:
         mode = None
         reasons["compile.mode"] = "default mode: autotuning has nothing to pick from on CPU"
     base: Dict[str, Any] = {"backend": backend, "fullgraph": True, "dynamic": False}
-    if mode is not None:
+    if mode is not None and mode != "default":
         base["mode"] = mode
     reasons["compile.fullgraph"] = "a graph break would silently split a step and hide a regression"
     reasons["compile.dynamic"] = "every compiled step sees one shape (batch 1 at image_size, fixed bank)"
