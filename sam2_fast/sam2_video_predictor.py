@@ -84,7 +84,13 @@ class SAM2VideoPredictor(SAM2Base):
         )
         # run the backbone on frame 0 now: a first click then answers at once, and an
         # unreadable video fails here rather than at the first prompt
-        O.frame_features(self, session, 0, batch_size=1)
+        try:
+            O.frame_features(self, session, 0, batch_size=1)
+        except BaseException:
+            close = getattr(frames, "close", None)
+            if callable(close):
+                close()  # stop prefetch workers of a session nobody will hold
+            raise
         return session
 
     @classmethod
