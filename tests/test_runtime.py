@@ -480,6 +480,6 @@ def test_graphed_step_recaptures_per_signature():
             x = torch.randn(rows, 16, device="cuda")
             outs.append((step(x, scale), lin(x) * scale))
     for got, want in outs:
-        assert rel_err(got, want) <= 1e-6
+        assert rel_err(got, want) <= 1e-5  # same kernels; only a cuBLAS algorithm pick could differ
     assert step.counters["graph_captures[toy]"] == 3  # (3, 2.0), (5, 2.0), (3, 0.5)
     assert step.counters["graph_replays[toy]"] == 4

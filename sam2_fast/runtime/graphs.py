@@ -64,7 +64,8 @@ class CudaGraphBackend:
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: frame-decoding threads may touch CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = run()  # recorded, not executed: the caller replays before reading
         return graph.replay, outputs
 
