@@ -230,7 +230,9 @@ def test_vos_optimized_tracking_notices_a_broken_bank(clip, eager_logits):
         bad = track(pred, clip)
     finally:
         sb._attention_mask = unmasked
-    assert rel_err(bad, eager_logits) >= 10 * TRACK_TOL
+    err = rel_err(bad, eager_logits)
+    print(f"tracking with an unmasked bank: rel err {err:.2e}")
+    assert err >= 10 * TRACK_TOL
 
 
 def test_enable_is_reversible_and_keeps_the_state_dict():
@@ -402,6 +404,21 @@ def test_compiled_bank_and_memory_encoder_match_eager(mem_attn):
         compiled = torch.compile(enc.forward, backend="aot_eager", fullgraph=True, dynamic=False)
         got = compiled(pix, mask)["vision_features"]
     assert rel_err(got, want) <= BANK_TOL
+
+
+@pytest.mark.slow
+def test_enable_with_compile_tracks_like_eager(clip, eager_logits):
+    """compile=True through enable_fast_runtime (aot_eager on CPU, ~30 s): all four parts
+    trace with fullgraph=True as the predictor really calls them, and undo restores them."""
+    torch._dynamo.reset()
+    pred = enable_fast_runtime(build_predictor(False), compile=True, compile_backend="aot_eager")
+    assert set(pred.runtime_info["compiled"]) == {"image_encoder", "memory_encoder", "mask_decoder",
+                                                  "memory_attention"}
+    err = rel_err(track(pred, clip), eager_logits)
+    disable_fast_runtime(pred)
+    assert "forward" not in pred.image_encoder.__dict__ and "forward" not in pred.sam_mask_decoder.__dict__
+    print(f"compiled (aot_eager) runtime vs eager: rel err {err:.2e}")
+    assert err <= TRACK_TOL
 
 
 # ----------------------------------------------------------------------------- CUDA
