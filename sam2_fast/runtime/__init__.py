@@ -180,6 +180,8 @@ def _compile_parts(predictor, s: RuntimeSettings, bank, undo, info, skipped) -> 
         kwargs = dict(s.compile_kwargs[name])
         undo.append(_patch(module, "forward", torch.compile(module.forward, **kwargs)))
         compiled[name] = kwargs
+    skipped["compile.prompt_encoder"] = ("a few embedding lookups; its input length changes with every "
+                                         "click, so compiling it would mostly recompile")
     if bank is not None:
         kwargs = dict(s.compile_kwargs["memory_attention"])
         undo.append(_patch(bank, "core", torch.compile(bank.padded_forward, **kwargs)))
