@@ -222,6 +222,26 @@ def test_vos_optimized_predictor_matches_eager(clip, eager_logits):
     assert counters["bank_bucket_9"] > 0  # three conditioning frames + recent ones
 
 
+def test_vos_optimized_two_objects_reverse_and_correction(clip):
+    """Two objects, reverse then forward tracking, a correction click mid-video."""
+
+    def script(pred):
+        state = pred.init_state(clip)
+        pred.add_new_points_or_box(state, 5, 1, points=[[40, 36]], labels=[1])
+        pred.add_new_points_or_box(state, 5, 2, box=[5, 5, 30, 30])
+        outs = [m for _, _, m in pred.propagate_in_video(state, reverse=True)]
+        outs += [m for _, _, m in pred.propagate_in_video(state)]
+        outs.append(pred.add_new_points_or_box(state, 8, 1, points=[[50, 40]], labels=[1])[2])
+        outs += [m for _, _, m in pred.propagate_in_video(state, start_frame_idx=8)]
+        return torch.cat([o.flatten() for o in outs])
+
+    fast = build_predictor(True)
+    err = rel_err(script(fast), script(build_predictor(False)))
+    counters = fast.runtime_info["counters"]
+    print(f"two objects, reverse + correction: rel err {err:.2e}; {dict(counters)}")
+    assert err <= TRACK_TOL and counters["bank_calls"] > 20 and counters["bank_fallbacks"] == 0
+
+
 def test_vos_optimized_tracking_notices_a_broken_bank(clip, eager_logits):
     pred = build_predictor(True)
     unmasked = sb._attention_mask
