@@ -106,8 +106,7 @@ def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
         log(f"measured {matmul['dtype']} matmul ({matmul['n']}³): {matmul['tflops']:.3g} TFLOP/s")
     rows = select_rows(device, args.ladder, args.reference)
     if args.dtype != "all":
-        want = None if args.dtype == "fp32" else torch.bfloat16
-        rows = [(r, why) for r, why in rows if r.golden or r.autocast == want]
+        rows = [(r, why) for r, why in rows if r.golden or r.dtype == args.dtype]
     all_results = []
     start = time.monotonic()
     for i, objects in enumerate(counts):

@@ -11,15 +11,17 @@ How a row switches features on (the contract with the kernel and runtime code):
   every kernel and one per kernel ("1" = use the PyTorch path); the dispatchers read them
   when a call is traced or run, so a row sets them before building and restores them after.
   Public names ``ENV_ALL``/``ENV_SWITCHES`` are used when present, else ``_ENV_ALL``/``_ENV_ONE``.
-* runtime: ``sam2_fast.runtime.LADDER_OPTIONS`` maps "static_memory" and "cuda_graphs"
-  to extra keyword arguments for ``build_sam2_video_predictor``.
+* runtime: rows from bf16 on build our eager predictor and then call
+  ``sam2_fast.runtime.enable_fast_runtime(predictor, dtype=..., compile=..., static_bank=...,
+  cuda_graphs=...)`` with that row's knobs (``vos_optimized=True`` turns all of them on);
+  the runtime's own ``runtime_info`` is stored with the row.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,7 +39,8 @@ class RowSpec:
     key: str
     impl: str  # "ours" | "reference"
     title: str
-    autocast: Optional[torch.dtype] = None  # bf16 autocast as the reference's benchmark.py
+    dtype: str = "fp32"  # compute precision of the row ("fp32" rows can serve as the accuracy golden)
+    autocast: Optional[torch.dtype] = None  # outside bf16 autocast, as the reference's benchmark.py
     tf32: bool = False
     vos_optimized: bool = False
     compiles: bool = False  # slow to warm up (torch.compile)
@@ -45,6 +48,7 @@ class RowSpec:
     needs_cuda: bool = False
     env: Dict[str, str] = field(default_factory=dict)
     build_kwargs: Dict[str, object] = field(default_factory=dict)
+    runtime: Optional[Dict[str, object]] = None  # enable_fast_runtime(**runtime) after building
     check: Optional[Callable[[], Optional[str]]] = None  # -> reason it cannot run, or None
     golden: bool = False  # the fp32 reference every row's accuracy is measured against
 
@@ -62,13 +66,12 @@ def _kernel_switches() -> Optional[tuple]:
     return every, dict(one)
 
 
-def _runtime_options() -> Dict[str, dict]:
+def _runtime_missing() -> Optional[str]:
     try:
         mod = importlib.import_module("sam2_fast.runtime")
-    except Exception:  # noqa: BLE001
-        return {}
-    opts = getattr(mod, "LADDER_OPTIONS", None)
-    return opts if isinstance(opts, dict) else {}
+    except Exception as exc:  # noqa: BLE001
+        return f"sam2_fast.runtime not importable ({exc.__class__.__name__}: {exc})"
+    return None if hasattr(mod, "enable_fast_runtime") else "sam2_fast.runtime has no enable_fast_runtime yet"
 
 
 def reference_rows(device: torch.device) -> List[RowSpec]:
@@ -76,59 +79,58 @@ def reference_rows(device: torch.device) -> List[RowSpec]:
     return [
         RowSpec("ref-eager-fp32", "reference", "reference eager fp32", golden=True),
         RowSpec("ref-bf16", "reference", "reference eager, bf16 autocast + TF32 (benchmark.py way)",
-                autocast=torch.bfloat16, tf32=cuda, slow_on_cpu=True),
+                dtype="bf16", autocast=torch.bfloat16, tf32=cuda, slow_on_cpu=True),
         RowSpec("ref-vos", "reference", "reference vos_optimized=True (max-autotune compile), bf16 + TF32",
-                autocast=torch.bfloat16, tf32=True, vos_optimized=True, compiles=True, needs_cuda=True),
+                dtype="bf16", autocast=torch.bfloat16, tf32=True, vos_optimized=True, compiles=True, needs_cuda=True),
     ]
+
+
+def _knobs(compile: bool, static_bank: bool = False, cuda_graphs: bool = False) -> Dict[str, object]:
+    return {"dtype": torch.bfloat16, "compile": compile, "static_bank": static_bank, "cuda_graphs": cuda_graphs}
 
 
 def our_rows(device: torch.device) -> List[RowSpec]:
-    cuda = device.type == "cuda"
     switches = _kernel_switches()
-    runtime = _runtime_options()
+    runtime_missing = _runtime_missing()
     # Values are "disable" flags: "1" sends that kernel's calls to the PyTorch path.
     all_off: Dict[str, str] = {switches[0]: "1"} if switches else {}
 
-    def no_switches() -> Optional[str]:
-        return None if switches else "sam2_fast.kernels.dispatch names no kernel switches (ENV_ALL/ENV_SWITCHES)"
+    def kernel_env(enabled: Sequence[str]) -> Dict[str, str]:
+        if not switches:
+            return {}
+        env = {switches[0]: "0"}
+        env.update({var: ("0" if name in enabled else "1") for name, var in switches[1].items()})
+        return env
+
+    def runtime_check() -> Optional[str]:
+        return runtime_missing
 
     rows = [
         RowSpec("eager-fp32", "ours", "ours eager fp32", env=dict(all_off)),
-        RowSpec("bf16", "ours", "ours eager, bf16 autocast + TF32", autocast=torch.bfloat16, tf32=cuda,
-                slow_on_cpu=True, env=dict(all_off)),
-        RowSpec("compile", "ours", "ours compiled (vos_optimized=True), kernels off", autocast=torch.bfloat16,
-                tf32=cuda, vos_optimized=True, compiles=True, env=dict(all_off)),
+        RowSpec("bf16", "ours", "ours eager, runtime bf16 autocast + TF32", dtype="bf16", slow_on_cpu=True,
+                env=dict(all_off), runtime=_knobs(compile=False), check=runtime_check),
+        RowSpec("compile", "ours", "ours bf16 + torch.compile, kernels off", dtype="bf16", compiles=True,
+                env=dict(all_off), runtime=_knobs(compile=True), check=runtime_check),
     ]
-    added: List[str] = []
-    for name in KERNEL_ORDER:
-        added.append(name)
-        env: Dict[str, str] = {}
-        if switches:
-            env[switches[0]] = "0"
-            for kname, var in switches[1].items():
-                env[var] = "0" if kname in added else "1"
-
+    for i, name in enumerate(KERNEL_ORDER):
         def check(name=name) -> Optional[str]:
+            if runtime_missing:
+                return runtime_missing
             if not switches:
-                return no_switches()
+                return "sam2_fast.kernels.dispatch names no kernel switches (ENV_ALL/ENV_SWITCHES)"
             if name not in switches[1]:
                 return f"kernel {name!r} has no switch in sam2_fast.kernels.dispatch yet"
             return None
 
-        rows.append(RowSpec(f"k-{name}", "ours", KERNEL_TITLES[name], autocast=torch.bfloat16, tf32=True,
-                            vos_optimized=True, compiles=True, needs_cuda=True, env=env, check=check))
-    kernels_on = {switches[0]: "0", **{v: "0" for v in switches[1].values()}} if switches else {}
-    static_kw = dict(runtime.get("static_memory", {}))
-    rows.append(RowSpec("static-batched", "ours", "+ static memory slots / batched objects", autocast=torch.bfloat16,
-                        tf32=True, vos_optimized=True, compiles=True, needs_cuda=True, env=kernels_on,
-                        build_kwargs=static_kw,
-                        check=lambda: None if "static_memory" in runtime else
-                        "not implemented yet (sam2_fast.runtime.LADDER_OPTIONS has no 'static_memory')"))
-    graph_kw = {**static_kw, **dict(runtime.get("cuda_graphs", {}))}
-    rows.append(RowSpec("cuda-graphs", "ours", "+ CUDA graphs", autocast=torch.bfloat16, tf32=True,
-                        vos_optimized=True, compiles=True, needs_cuda=True, env=kernels_on, build_kwargs=graph_kw,
-                        check=lambda: None if "cuda_graphs" in runtime else
-                        "not implemented yet (sam2_fast.runtime.LADDER_OPTIONS has no 'cuda_graphs')"))
+        rows.append(RowSpec(f"k-{name}", "ours", KERNEL_TITLES[name], dtype="bf16", compiles=True, needs_cuda=True,
+                            env=kernel_env(KERNEL_ORDER[: i + 1]), runtime=_knobs(compile=True), check=check))
+    every = kernel_env(KERNEL_ORDER)
+    rows.append(RowSpec("static-batched", "ours", "+ static memory bank (batched objects)", dtype="bf16",
+                        compiles=True, needs_cuda=True, env=every, runtime=_knobs(True, static_bank=True),
+                        check=runtime_check))
+    rows.append(RowSpec("cuda-graphs", "ours", "+ CUDA graphs (= vos_optimized=True)", dtype="bf16", compiles=True,
+                        needs_cuda=True, env=every, runtime=_knobs(True, static_bank=True, cuda_graphs=True),
+                        check=runtime_check))
     return rows
 
 
@@ -151,11 +153,12 @@ def select_rows(device: torch.device, ladder: str, reference: str) -> List[tuple
             reason = None
             if row.needs_cuda and device.type != "cuda":
                 reason = "needs CUDA"
-            elif row.check is not None:
+            if reason is None and row.check is not None:
                 reason = row.check()
-            elif row.compiles and device.type != "cuda" and choice == "auto":
-                reason = "skipped on CPU by default (slow inductor compile); name it in --ladder to run"
-            elif row.slow_on_cpu and device.type != "cuda" and choice == "auto":
-                reason = "skipped on CPU by default (bf16 is emulated, slower than fp32); name it to run"
+            if reason is None and device.type != "cuda" and choice == "auto":
+                if row.compiles:
+                    reason = "skipped on CPU by default (slow inductor compile); name it in --ladder to run"
+                elif row.slow_on_cpu:
+                    reason = "skipped on CPU by default (bf16 is emulated, slower than fp32); name it to run"
             out.append((row, reason))
     return out

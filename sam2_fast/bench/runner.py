@@ -165,6 +165,7 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
             count_flops: bool = False, log=print) -> Dict[str, object]:
     """Measure one row. Returns its result dict; outputs go in result['_outputs']."""
     res: Dict[str, object] = {"key": row.key, "impl": row.impl, "impl_label": impl.label, "title": row.title,
+                              "dtype": row.dtype, "runtime": {k: str(v) for k, v in (row.runtime or {}).items()},
                               "autocast": str(row.autocast).replace("torch.", "") if row.autocast else None,
                               "tf32": row.tf32, "vos_optimized": row.vos_optimized, "env": dict(row.env)}
     cuda = device.type == "cuda"
@@ -179,6 +180,10 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
                                 **row.build_kwargs)
         if weights is not None:
             predictor.load_state_dict(weights, strict=True)
+        if row.runtime is not None:
+            from sam2_fast.runtime import enable_fast_runtime
+
+            enable_fast_runtime(predictor, **row.runtime)
         if not case.fill_holes:
             res["hole_filling_off"] = impls.disable_hole_filling(predictor)
         res["build_s"] = time.perf_counter() - t0
@@ -213,6 +218,9 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
                     _one_pass(predictor, state, device, None, None, rss, ftimer)
                 res["stage_flops"] = ftimer.mean_flops()
                 res["stage_flops_last"] = ftimer.last_flops()
+    info = getattr(predictor, "runtime_info", None)
+    if info is not None:
+        res["runtime_info"] = info  # what the fast runtime enabled, skipped and counted
     res["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     res["peak_host_mib"] = max(rss)
     res["status"] = "ok"
@@ -264,7 +272,7 @@ def run_rows(rows: Sequence[tuple], case: Case, clip: Clip, ours: impls.Impl, re
             if on_row is not None:
                 on_row(results)
             continue
-        is_fp32 = row.autocast is None
+        is_fp32 = row.dtype == "fp32"
         log(f"  [{row.key}] {row.title}")
         try:
             # FLOPs are a property of the model, not of the row: count them once, in fp32.
