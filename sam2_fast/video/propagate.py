@@ -28,20 +28,9 @@ def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is
     if point_inputs is not None and mask_inputs is not None:
         raise ValueError("a frame takes either clicks or a mask for one object, not both")
     _, _, feats, pos, sizes = O.frame_features(model, session, frame_idx, batch_size=1)
-    out = model.track_step(
-        frame_idx=frame_idx,
-        is_init_cond_frame=is_init_cond_frame,
-        current_vision_feats=feats,
-        current_vision_pos_embeds=pos,
-        feat_sizes=sizes,
-        point_inputs=point_inputs,
-        mask_inputs=mask_inputs,
-        output_dict=obj.outputs,
-        num_frames=session.num_frames,
-        track_in_reverse=reverse,
-        run_mem_encoder=run_mem_encoder,
-        prev_sam_mask_logits=prev_sam_mask_logits,
-    )
+    # positional, in track_step's own order: frame, its role, features, prompts, memory bank
+    out = model.track_step(frame_idx, is_init_cond_frame, feats, pos, sizes, point_inputs, mask_inputs,
+                           obj.outputs, session.num_frames, reverse, run_mem_encoder, prev_sam_mask_logits)
     return O.compact_output(model, session, out)
 
 
