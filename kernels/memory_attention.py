@@ -41,9 +41,10 @@ from ._common import LaunchConfig, check_dtype, dot_precision, next_pow2, raise_
 
 LOG2E = 1.4426950408889634
 # Head dims the kernel takes: powers of two (so that D/2 halves tile exactly).
-# 256: memory attention; 32 and 16: the mask decoder's per-head dims. Other dims fall back
-# to PyTorch (each one is a compiled variant the AOT check would have to cover).
-HEAD_DIMS = (16, 32, 256)
+# 256: memory attention; 32: the mask decoder's token self-attention. The kernel multiplies
+# D/2-wide halves, and 16-bit tl.dot needs K >= 16, so D = 16 (the decoder's cross-attention)
+# is excluded. Other dims fall back to PyTorch (each one is a compiled variant to check).
+HEAD_DIMS = (32, 256)
 # Programs to aim for per SM when choosing the number of KV splits.
 PROGRAMS_PER_SM = 2
 # A split should still stream at least this many key blocks (the merge pass costs one).
@@ -239,7 +240,8 @@ def unsupported_reason(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_s
     if rope_cos is not None and (rope_cos.dtype != torch.float32 or not rope_cos.is_contiguous()
                                  or not rope_sin.is_contiguous() or rope_sin.dtype != torch.float32):
         return "rope_cos/rope_sin must be contiguous fp32"
-    devs = {t.device for t in [q, slot_ids] + others}
+    tables = [rope_cos, rope_sin] if rope_cos is not None else []
+    devs = {t.device for t in [q, slot_ids] + others + tables}
     if len(devs) != 1:
         return f"all tensors must be on one device, got {sorted(map(str, devs))}"
     return None

@@ -81,6 +81,8 @@ def test_unsupported_reasons_are_named():
     bad_hw = torch.randn(1, 3, 9, 32)
     cos, sin = ma.rope_tables(32, 4, 4)
     assert "HW == Nq" in ma.shape_reason(q, bad_hw, bad_hw, one, None, None, cos, sin)
+    d16 = torch.randn(1, 3, 16, 16)  # the decoder's 16-wide heads: halves too narrow for tl.dot
+    assert "head dim" in ma.unsupported_reason(torch.randn(1, 16, 16), d16, d16, one, None, None, None, None)
     assert "head dim" in ma.unsupported_reason(torch.randn(1, 16, 24), torch.randn(1, 3, 16, 24),
                                               torch.randn(1, 3, 16, 24), one, None, None, None, None)
 
@@ -93,7 +95,7 @@ KERNEL_CASES = [
     (1, 3, 5, 256, 9, 8, 64, 3),    # 7 memories + 1 cond frame, 16 pointers, split-KV
     (2, 5, 3, 256, 4, 2, 4, 2),     # batch of objects, 1 pointer
     (3, 5, 5, 32, 8, 7, 12, 4),     # decoder-size head, 3 objects
-    (1, 7, 3, 16, 3, 3, 0, 1),      # 21 queries (not a block multiple)
+    (1, 7, 3, 32, 3, 3, 0, 1),      # 21 queries (not a block multiple)
     (2, 4, 4, 256, 3, 0, 8, 1),     # no spatial memory at all, pointers only
 ]
 
