@@ -176,14 +176,17 @@ def instrument(predictor: torch.nn.Module) -> Iterator[List[str]]:
     re-entry of the stage that is already open.
     """
     found: List[str] = []
-    patched: List[str] = []
+    _MISSING = object()
+    patched: Dict[str, object] = {}  # method -> what the instance dict held before (or _MISSING)
     hooks = []
     for meth, name in METHOD_STAGES.items():
         bound = getattr(predictor, meth, None)
         if bound is None or not callable(bound):
             continue
+        # Someone (e.g. the fast runtime) may have patched the method on the instance already:
+        # wrap whatever is in effect, and put exactly that back afterwards.
+        patched[meth] = predictor.__dict__.get(meth, _MISSING)
         setattr(predictor, meth, staged(name)(bound))
-        patched.append(meth)
         found.append(name)
     for attr, name in MODULE_STAGES.items():
         if name in found:
@@ -207,8 +210,10 @@ def instrument(predictor: torch.nn.Module) -> Iterator[List[str]]:
     try:
         yield found
     finally:
-        for meth in patched:
-            # The wrapper sits in the instance dict and shadows the class method.
-            predictor.__dict__.pop(meth, None)
+        for meth, before in patched.items():
+            if before is _MISSING:
+                predictor.__dict__.pop(meth, None)  # the class method shows through again
+            else:
+                predictor.__dict__[meth] = before
         for h in hooks:
             h.remove()

@@ -134,3 +134,35 @@ def test_profile_writes_report(tmp_path):
     assert "| image_encoder |" in text and "memory_attention" in text and "Top ops" in text
     assert os.path.exists(out["summary"]["trace"])
     assert str(tmp_path / "profiles" / "_traces") in out["summary"]["trace"]
+
+
+def test_instrument_restores_instance_patches():
+    """Wrapping from outside must put back methods someone patched on the instance (the runtime does)."""
+    from sam2_fast.profiling import instrument
+
+    class Model(torch.nn.Module):
+        def forward_image(self, x):
+            return x + 1
+
+        def _forward_sam_heads(self, x):
+            return x * 2
+
+    m = Model()
+    runtime_patch = lambda x: x - 5  # noqa: E731 - stands in for a runtime's instance patch
+    m.forward_image = runtime_patch
+    seen = []
+
+    class Spy:
+        def enter(self, name):
+            seen.append(("in", name))
+
+        def exit(self, name):
+            seen.append(("out", name))
+
+    with instrument(m) as found, listening(Spy()):
+        assert m.forward_image(torch.tensor(1.0)).item() == -4.0  # the runtime's patch still runs
+        assert m._forward_sam_heads(torch.tensor(1.0)).item() == 2.0
+    assert found == ["image_encoder", "sam_heads"]
+    assert seen == [("in", "image_encoder"), ("out", "image_encoder"), ("in", "sam_heads"), ("out", "sam_heads")]
+    assert m.forward_image is runtime_patch
+    assert "_forward_sam_heads" not in m.__dict__
