@@ -25,7 +25,9 @@ output moves by >= 10x the tolerance.
 from __future__ import annotations
 
 import copy
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,12 +67,17 @@ MANY = [
     ("propagate", dict(max_frame_num_to_track=6)),
 ]
 # a mask prompt on the first frame and a click on the last one, tracked backwards first:
-# frames then have no object pointer to attend to (where the reference needs its patch)
+# frames then have no object pointer to attend to (where the reference needs its patch);
+# then prompts cleared on a frame, a reset, and a fresh start
 MASK_REVERSE = [
     ("mask", dict(frame_idx=0, obj_id=5, mask=None)),  # filled in by _with_mask
     ("points", dict(frame_idx=NUM_FRAMES - 1, obj_id=7, points=[[75, 40]], labels=[1])),
     ("propagate", dict(reverse=True, start_frame_idx=NUM_FRAMES - 1)),
     ("propagate", {}),
+    ("clear", dict(frame_idx=NUM_FRAMES - 1, obj_id=7)),
+    ("reset", {}),
+    ("points", dict(frame_idx=3, obj_id=9, points=[[40, 30], [41, 50]], labels=[1, 1])),
+    ("propagate", dict(max_frame_num_to_track=3)),
 ]
 # for mutations: two conditioning frames of one object, forward over the whole clip
 MUTATION = [
@@ -290,3 +297,37 @@ def test_mutation_conditioning_frame_selection(monkeypatch, ref_runs, clip_dir):
 
     err = _mutated_error(monkeypatch, ref_runs, clip_dir, base, "select_closest_cond_frames", nearest_only)
     assert err >= 10 * TOL, f"attending to one conditioning frame moved the output by only {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ real video
+BIKES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bikes.mp4")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(BIKES), reason="../shared/data/bikes.mp4 is not present")
+def test_bikes_at_1024(tmp_path, threads):
+    """Full resolution on real footage: 3 frames of bikes.mp4 (as JPEGs for the reference)."""
+    import av
+
+    frames = []
+    with av.open(BIKES) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == 3:
+                break
+    folder = V.write_jpeg_folder(np.stack(frames), str(tmp_path / "bikes"))
+    ref = V.build_reference("sam2.1_hiera_tiny", 1024, SEED, 0.0)
+    ours = V.build_ours_from(ref, "sam2.1_hiera_tiny", 1024)
+    steps = [("points", dict(frame_idx=0, obj_id=1, box=[300, 100, 420, 250])),
+             ("propagate", {})]
+    undo = V.float32_memory_bank(ref, ours)
+    try:
+        expect = V.run_script(ref, folder, steps)
+        worst = V.compare_records(V.run_script(ours, folder, steps), expect, TOL)
+    finally:
+        undo()
+    print(f"bikes 1024: worst rel err {worst:.2e}, presence {V.presence(expect)}")
+    # ours reads the .mp4 itself (PyAV): same video size and frame count
+    state = ours.init_state(BIKES)
+    assert (state["video_height"], state["video_width"]) == frames[0].shape[:2]
+    assert state["num_frames"] > 3
