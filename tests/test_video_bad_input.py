@@ -108,8 +108,12 @@ def test_frame_index_out_of_range(predictor, state):
         predictor.clear_all_prompts_in_frame(state, 99, 1)
     assert state["obj_ids"] == []  # nothing was registered by the failed calls
     _still_usable(predictor, state)
+    predictor.add_new_points_or_box(state, 3, 2, points=[[20, 12]], labels=[1])
     with pytest.raises(IndexError, match="out of range"):
         next(iter(predictor.propagate_in_video(state, start_frame_idx=NUM_FRAMES)))
+    with pytest.raises(ValueError, match="max_frame_num_to_track"):
+        next(iter(predictor.propagate_in_video(state, max_frame_num_to_track=-2)))
+    assert 3 in state["temp_output_dict_per_obj"][1]["cond_frame_outputs"]  # nothing merged yet
     _still_usable(predictor, state)
 
 

@@ -7,6 +7,7 @@ exist and where they are stored.
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sam2_fast.video import outputs as O
+from sam2_fast.video.prompts import check_frame_idx
 from sam2_fast.video.state import COND, NON_COND, FrameOutput, ObjectTrack, PointPrompt, VideoSession
 
 
@@ -136,13 +138,15 @@ def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = Non
               max_frame_num_to_track: Optional[int] = None, reverse: bool = False,
               progress: bool = True) -> Iterator[Tuple[int, List, Tensor]]:
     """Track every object through the video, yielding (frame_idx, obj_ids, video_res_masks)."""
-    preflight(model, session)
+    # arguments first: a rejected call must not have merged the pending prompts
     if start_frame_idx is not None:
-        from sam2_fast.video.prompts import check_frame_idx
-
         start_frame_idx = check_frame_idx(session, start_frame_idx)
-    if max_frame_num_to_track is not None and int(max_frame_num_to_track) < 0:
-        raise ValueError(f"max_frame_num_to_track must be >= 0, got {max_frame_num_to_track}")
+    if max_frame_num_to_track is not None:
+        if isinstance(max_frame_num_to_track, bool) or not isinstance(max_frame_num_to_track, numbers.Integral):
+            raise TypeError(f"max_frame_num_to_track must be an integer, got {max_frame_num_to_track!r}")
+        if max_frame_num_to_track < 0:
+            raise ValueError(f"max_frame_num_to_track must be >= 0, got {max_frame_num_to_track}")
+    preflight(model, session)
     obj_ids = session.obj_ids
     order = frame_order(session, start_frame_idx, max_frame_num_to_track, reverse)
     prune = session.keep_outputs == "reachable" and not reverse
