@@ -33,7 +33,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     LADDER=auto; PROFILES=("tiny ours" "tiny reference")
 else
     SIZE=(--resolution 480p); PSIZE=(--resolution 480p --frames 24 --profile-frames 6)
-    LADDER=all; PROFILES=("tiny ours" "large ours" "tiny reference")
+    LADDER=all; PROFILES=("tiny ours" "tiny reference" "large ours" "tiny ours compiled")
 fi
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 LOG="$WORK/log.txt"
@@ -99,14 +99,18 @@ bench-refvos)
         --reference ref-eager-fp32,ref-bf16,ref-vos
     ;;
 profile)
-    per=$(( BUDGET / ${#PROFILES[@]} ))
+    left=${#PROFILES[@]}
     for spec in "${PROFILES[@]}"; do
+        # Each run gets an equal share of what is left; quick runs leave more to later ones.
+        per=$(( (LIMIT - 30 - $(elapsed)) / left )); left=$(( left - 1 ))
         set -- $spec
-        timeout -k 10 "$per" "$PY" -m sam2_fast.cli profile --model "$1" --impl "$2" "${PSIZE[@]}" \
+        extra=(); [ "${3:-}" = compiled ] && extra=(--compile)
+        timeout -k 10 "$per" "$PY" -m sam2_fast.cli profile --model "$1" --impl "$2" "${PSIZE[@]}" "${extra[@]}" \
             --out "$WORK/profiles" 2>&1 | tee -a "$WORK/profile.txt"
     done
     # Traces: keep them only while the archive stays well under the tool's 16 MiB per file.
-    if [ "$(du -sb "$WORK/profiles/_traces" 2>/dev/null | cut -f1)" -gt $(( 12 * 1024 * 1024 )) ]; then
+    traces=$(du -sb "$WORK/profiles/_traces" 2>/dev/null | cut -f1)
+    if [ "${traces:-0}" -gt $(( 12 * 1024 * 1024 )) ]; then
         echo "traces too large to bring back; dropped"; rm -rf "$WORK/profiles/_traces"
     fi
     ;;

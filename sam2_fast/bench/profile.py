@@ -134,14 +134,14 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"env": environment(device), "impl": impl.label, "model": args.model, "dtype": dtype,
                                "compiled": args.compile, "image_size": args.image_size or None,
                                "frames": len(clip.frames), "objects": args.objects, "video": clip.source}
-    with impls.quiet_reference(), torch.inference_mode():
+    with impls.quiet_reference():
         predictor = impls.build(impl, args.model, args.image_size or None, device, args.compile, args.checkpoint)
         if not args.checkpoint:
             from sam2_fast.utils.random_weights import sensitize_
 
             sensitize_(predictor, seed=args.seed, obj_score_bias=2.0)
         impls.disable_hole_filling(predictor)
-        with autocast, impls.quiet_reference():  # again: the build imported more modules
+        with autocast, impls.quiet_reference(), torch.inference_mode():  # quiet again: the build imported more
             state = impls.init_state(impl, predictor, clip.frames, device)
             impls.add_clicks(predictor, state, clip.clicks)
             t0 = time.perf_counter()

@@ -174,7 +174,8 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rss: List[float] = [host_rss_mib()]
-    with row_settings(row, device), impls.quiet_reference(), torch.inference_mode():
+    # Built outside inference mode, as users build it (parameters stay normal tensors).
+    with row_settings(row, device), impls.quiet_reference():
         t0 = time.perf_counter()
         predictor = impls.build(impl, case.model, case.image_size, device, row.vos_optimized, case.checkpoint,
                                 **row.build_kwargs)
@@ -187,7 +188,7 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
         if not case.fill_holes:
             res["hole_filling_off"] = impls.disable_hole_filling(predictor)
         res["build_s"] = time.perf_counter() - t0
-        with _autocast(row, device), impls.quiet_reference():  # again: build imported more modules
+        with _autocast(row, device), impls.quiet_reference(), torch.inference_mode():  # quiet again: new modules
             t0 = time.perf_counter()
             state = impls.init_state(impl, predictor, clip.frames, device)
             impls.add_clicks(predictor, state, clip.clicks)
