@@ -3,8 +3,9 @@
 # Run from the repository root, one step per device-tool call, in this priority order:
 #
 #   bash benchmarks/gpu_check.sh correctness   # pytest -m cuda (kernels, bf16 numerics, graphs, parity)
-#   bash benchmarks/gpu_check.sh bench         # side by side, tiny @480p, 1 and 8 objects, full ladder
-#   bash benchmarks/gpu_check.sh profile       # profile reports, ours tiny + large, reference tiny
+#   bash benchmarks/gpu_check.sh bench         # side by side, tiny @480p, 1 object, full ladder
+#   bash benchmarks/gpu_check.sh profile       # profile reports: ours tiny/large (+ compiled), reference tiny
+#   bash benchmarks/gpu_check.sh bench-8obj    # side by side, tiny @480p, 8 objects, full ladder
 #   bash benchmarks/gpu_check.sh bench-large   # side by side, large @480p, 1 and 8 objects
 #   bash benchmarks/gpu_check.sh bench-refvos  # the reference's vos_optimized (max-autotune) rows
 #
@@ -16,8 +17,8 @@ set -uo pipefail
 
 STEP="${1:-}"
 case "$STEP" in
-    correctness|bench|bench-large|bench-refvos|profile) ;;
-    *) echo "usage: $0 correctness|bench|profile|bench-large|bench-refvos" >&2; exit 2 ;;
+    correctness|bench|bench-8obj|bench-large|bench-refvos|profile) ;;
+    *) echo "usage: $0 correctness|bench|profile|bench-8obj|bench-large|bench-refvos" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -86,7 +87,11 @@ correctness)
         --junitxml="$WORK/junit_cuda.xml" 2>&1 | tail -n 400 | tee "$WORK/pytest_cuda.txt"
     ;;
 bench)
-    bench tiny --model tiny --objects 1,8 --frames 48 "${SIZE[@]}" --ladder "$LADDER" \
+    bench tiny --model tiny --objects 1 --frames 48 "${SIZE[@]}" --ladder "$LADDER" \
+        --reference ref-eager-fp32,ref-bf16
+    ;;
+bench-8obj)
+    bench tiny8 --model tiny --objects 8 --frames 48 "${SIZE[@]}" --ladder "$LADDER" \
         --reference ref-eager-fp32,ref-bf16
     ;;
 bench-large)

@@ -231,7 +231,7 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
     return res
 
 
-COMPILE_RESERVE_S = 240.0  # a compiling row is not started with less time than this left
+COMPILE_RESERVE_S = 150.0  # a compiling row is not started with less time than this left
 ROW_RESERVE_S = 30.0
 
 
