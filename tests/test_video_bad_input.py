@@ -18,13 +18,10 @@ NUM_FRAMES = 6
 def predictor():
     from sam2_fast.build_sam import build_sam2_video_predictor
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_sam2_video_predictor("sam2.1_hiera_tiny", device="cpu",
-                                       hydra_overrides_extra=[f"++model.image_size={S}"])
-    yield model
-    torch.set_num_threads(old)
+    with V.single_thread():
+        torch.manual_seed(0)
+        yield build_sam2_video_predictor("sam2.1_hiera_tiny", device="cpu",
+                                         hydra_overrides_extra=[f"++model.image_size={S}"])
 
 
 @pytest.fixture(scope="module")

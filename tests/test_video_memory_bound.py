@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import video_utils as V
 from support import sensitize_
 
 NUM_FRAMES = 2000
@@ -26,16 +27,13 @@ def predictor():
     from sam2_fast.config import PRESETS, HieraConfig
     from sam2_fast.sam2_video_predictor import SAM2VideoPredictor
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     trunk = HieraConfig(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1), global_att_blocks=(2,),
                         window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(2, 2))
     cfg = dataclasses.replace(PRESETS["sam2.1_hiera_tiny"], image_size=32, trunk=trunk, d_model=64,
                               mem_dim=32, mem_attn_layers=1, mem_attn_ffn_dim=64, fill_hole_area=8)
-    torch.manual_seed(0)
-    model = sensitize_(SAM2VideoPredictor(cfg), seed=0).eval()
-    yield model
-    torch.set_num_threads(old)
+    with V.single_thread():
+        torch.manual_seed(0)
+        yield sensitize_(SAM2VideoPredictor(cfg), seed=0).eval()
 
 
 @pytest.fixture(scope="module")

@@ -118,10 +118,8 @@ def _scipy_components():
 
 @pytest.fixture(scope="module")
 def threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with V.single_thread():
+        yield
 
 
 def _pair(config, postprocessing):

@@ -19,6 +19,7 @@ Reference patches (both exact, see issue 3):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -32,6 +33,17 @@ REF_CONFIGS = {
     "sam2.1_hiera_tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
     "sam2_hiera_tiny": "configs/sam2/sam2_hiera_t.yaml",
 }
+
+
+@contextlib.contextmanager
+def single_thread():
+    """CPU time is shared: run the predictors on one thread, then restore the setting."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------- clips

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sam2_fast.modeling.sam2_heads import NO_OBJ_SCORE  # score of a missing / absent object
+from sam2_fast.utils.masks import fill_holes_in_mask_scores
 from sam2_fast.video.state import COND, NON_COND, FrameOutput, VideoSession
-
-# the score a missing / absent object gets everywhere (sigmoid of it is exactly 0)
-NO_OBJ_SCORE = -1024.0
 
 
 def resize_to_video(masks: Tensor, height: int, width: int) -> Tensor:
@@ -35,8 +34,6 @@ def resize_logits(masks: Tensor, size: Tuple[int, int]) -> Tensor:
 
 def fill_holes(masks: Tensor, max_area: int) -> Tensor:
     """Turn small background islands (area <= max_area, 8-connected) into weak foreground."""
-    from sam2_fast.utils.masks import fill_holes_in_mask_scores
-
     return fill_holes_in_mask_scores(masks, max_area)
 
 

@@ -13,7 +13,7 @@ reads memories from ``{"cond_frame_outputs": {t: out}, "non_cond_frame_outputs":
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple, TypedDict
+from typing import Any, Callable, ClassVar, Dict, Hashable, Iterator, List, Optional, Tuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -112,47 +112,52 @@ class VideoSession:
         return None
 
     # ------------------------------------------------------------------ dict-style access
-    def _views(self) -> Dict[str, Any]:
-        objs = self.objects
-        cached = {} if self.cached_frame is None else {self.cached_frame[0]: self.cached_frame[1:]}
-        constants = {} if self.maskmem_pos_enc is None else {"maskmem_pos_enc": self.maskmem_pos_enc}
-        return {
-            "images": self.images,
-            "num_frames": self.num_frames,
-            "video_height": self.video_height,
-            "video_width": self.video_width,
-            "device": self.device,
-            "storage_device": self.storage_device,
-            "offload_video_to_cpu": self.offload_video_to_cpu,
-            "offload_state_to_cpu": self.offload_state_to_cpu,
-            "obj_ids": self.obj_ids,
-            "obj_id_to_idx": {o.obj_id: i for i, o in enumerate(objs)},
-            "obj_idx_to_id": {i: o.obj_id for i, o in enumerate(objs)},
-            "point_inputs_per_obj": {i: o.points for i, o in enumerate(objs)},
-            "mask_inputs_per_obj": {i: o.masks for i, o in enumerate(objs)},
-            "output_dict_per_obj": {i: o.outputs for i, o in enumerate(objs)},
-            "temp_output_dict_per_obj": {i: o.pending for i, o in enumerate(objs)},
-            "frames_tracked_per_obj": {i: o.tracked for i, o in enumerate(objs)},
-            "cached_features": cached,
-            "constants": constants,
-            "keep_outputs": self.keep_outputs,
-        }
+    def _per_slot(self, attr: str) -> Dict[int, Any]:
+        return {i: getattr(o, attr) for i, o in enumerate(self.objects)}
+
+    def _cached_features(self) -> Dict[int, Any]:
+        return {} if self.cached_frame is None else {self.cached_frame[0]: self.cached_frame[1:]}
+
+    def _constants(self) -> Dict[str, Any]:
+        return {} if self.maskmem_pos_enc is None else {"maskmem_pos_enc": self.maskmem_pos_enc}
+
+    # official key -> how to read it from this session (only the asked key is built)
+    _KEYS: ClassVar[Dict[str, Callable[["VideoSession"], Any]]] = {
+        "images": lambda s: s.images,
+        "num_frames": lambda s: s.num_frames,
+        "video_height": lambda s: s.video_height,
+        "video_width": lambda s: s.video_width,
+        "device": lambda s: s.device,
+        "storage_device": lambda s: s.storage_device,
+        "offload_video_to_cpu": lambda s: s.offload_video_to_cpu,
+        "offload_state_to_cpu": lambda s: s.offload_state_to_cpu,
+        "keep_outputs": lambda s: s.keep_outputs,
+        "obj_ids": lambda s: s.obj_ids,
+        "obj_id_to_idx": lambda s: {o.obj_id: i for i, o in enumerate(s.objects)},
+        "obj_idx_to_id": lambda s: {i: o.obj_id for i, o in enumerate(s.objects)},
+        "point_inputs_per_obj": lambda s: s._per_slot("points"),
+        "mask_inputs_per_obj": lambda s: s._per_slot("masks"),
+        "output_dict_per_obj": lambda s: s._per_slot("outputs"),
+        "temp_output_dict_per_obj": lambda s: s._per_slot("pending"),
+        "frames_tracked_per_obj": lambda s: s._per_slot("tracked"),
+        "cached_features": lambda s: s._cached_features(),
+        "constants": lambda s: s._constants(),
+    }
 
     def __getitem__(self, key: str) -> Any:
-        views = self._views()
-        if key not in views:
-            raise KeyError(f"inference_state has no key {key!r}; readable keys: {', '.join(sorted(views))}")
-        return views[key]
+        read = self._KEYS.get(key)
+        if read is None:
+            raise KeyError(f"inference_state has no key {key!r}; readable keys: {', '.join(sorted(self._KEYS))}")
+        return read(self)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._views()
+        return key in self._KEYS
 
     def keys(self) -> List[str]:
-        return list(self._views())
+        return list(self._KEYS)
 
     def get(self, key: str, default: Any = None) -> Any:
-        views = self._views()
-        return views.get(key, default)
+        return self[key] if key in self._KEYS else default
 
     # ------------------------------------------------------------------ accounting
     def iter_tensors(self) -> Iterator[Tensor]:
