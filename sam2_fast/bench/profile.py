@@ -73,7 +73,7 @@ def _timed_pass(predictor, state, device, timer: StageTimer) -> Dict[str, List]:
         mem.append(_frame_memory(device))
         prev = time.perf_counter()
         timer.begin_frame()
-    timer._open = False
+    timer.discard_frame()
     return {"latency_ms": lat, "memory": mem}
 
 

@@ -128,7 +128,7 @@ def _one_pass(predictor, state, device, keep: Optional[Outputs], lat_ms: Optiona
         if timer is not None:
             timer.begin_frame()
     if timer is not None:
-        timer._open = False  # the generator ended: no frame follows the last begin
+        timer.discard_frame()
     _sync(device)
     wall = time.perf_counter() - t0
     if lat_ms is not None:
@@ -169,6 +169,9 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
                               "autocast": str(row.autocast).replace("torch.", "") if row.autocast else None,
                               "tf32": row.tf32, "vos_optimized": row.vos_optimized, "env": dict(row.env)}
     cuda = device.type == "cuda"
+    # Dynamo keeps compiled entries per code object, and every row builds the same classes:
+    # without a reset, later rows would hit the recompile limit and silently run eager.
+    torch._dynamo.reset()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

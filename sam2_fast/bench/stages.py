@@ -90,6 +90,10 @@ class StageTimer:
         self.frames_ms.append(dict(ms))
         self.frames_flops.append(dict(flops))
 
+    def discard_frame(self) -> None:
+        """Drop the frame begun after the last yield (the generator ended: none follows)."""
+        self._stack, self._marks, self._open = [], [], False
+
     # -- summaries -------------------------------------------------------------------
     def mean_ms(self, skip_first: bool = True) -> Dict[str, float]:
         return _mean(self.frames_ms[1:] if skip_first and len(self.frames_ms) > 1 else self.frames_ms)
