@@ -166,3 +166,17 @@ def test_instrument_restores_instance_patches():
     assert seen == [("in", "image_encoder"), ("out", "image_encoder"), ("in", "sam_heads"), ("out", "sam_heads")]
     assert m.forward_image is runtime_patch
     assert "_forward_sam_heads" not in m.__dict__
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "huge"], "unknown model 'huge'"),
+    (["--resolution", "12p"], "bad resolution '12p'"),
+    (["--ladder", "turbo"], "unknown row(s) ['turbo']"),
+    (["--objects", "0"], "--objects must be positive"),
+    (["--video", "/no/such/clip.mp4"], "does not exist"),
+])
+def test_bench_rejects_bad_options_by_name(argv, needle):
+    args = command.build_parser().parse_args(argv + ["--no-floor"])
+    with pytest.raises(SystemExit) as info:
+        command.run(args, log=lambda *a: None)
+    assert needle in str(info.value)

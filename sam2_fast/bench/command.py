@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import datetime as _dt
 import sys
@@ -93,9 +94,18 @@ def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
     fill_defaults(args, device)
     if args.repeats is None:
         args.repeats = 2 if device.type == "cuda" else 1
-    counts = [int(c) for c in str(args.objects).split(",") if c.strip()]
-    if not counts or min(counts) < 1:
-        raise SystemExit(f"--objects must be positive counts, got {args.objects!r}")
+    try:  # bad options fail here, with the problem named, before any model is built
+        counts = [int(c) for c in str(args.objects).split(",") if c.strip()]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"--objects must be positive counts, got {args.objects!r}")
+        impls.config_for(args.model)
+        if not args.video:
+            parse_resolution(args.resolution)
+        elif not os.path.exists(args.video):
+            raise ValueError(f"--video {args.video!r} does not exist")
+        rows = select_rows(device, args.ladder, args.reference)
+    except ValueError as exc:
+        raise SystemExit(f"sam2-fast bench: error: {exc}") from None
     ours = impls.ours_impl(stand_in=args.ours == "reference")
     ref = impls.reference_impl()
     meta = environment(device)
@@ -104,7 +114,6 @@ def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
         f"commit {meta['commit']} | {meta['date']}")
     if matmul:
         log(f"measured {matmul['dtype']} matmul ({matmul['n']}³): {matmul['tflops']:.3g} TFLOP/s")
-    rows = select_rows(device, args.ladder, args.reference)
     if args.dtype != "all":
         rows = [(r, why) for r, why in rows if r.golden or r.dtype == args.dtype]
     all_results = []

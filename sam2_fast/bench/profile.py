@@ -116,7 +116,11 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     if not impl.available:
         raise SystemExit(f"cannot profile {args.impl}: {impl.missing}"
                          + ("; try --impl reference" if args.impl == "ours" else ""))
-    clip = make_clip(args, args.objects)
+    try:
+        impls.config_for(args.model)
+        clip = make_clip(args, args.objects)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"sam2-fast profile: error: {exc}") from None
     card = card_slug(device)
     # Ours under <model>/, the reference beside it so both can be compared.
     folder = args.model if args.impl == "ours" else f"reference-{args.model}"
