@@ -180,3 +180,29 @@ def test_bench_rejects_bad_options_by_name(argv, needle):
     with pytest.raises(SystemExit) as info:
         command.run(args, log=lambda *a: None)
     assert needle in str(info.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_and_profile_on_cuda(tmp_path):
+    """The CUDA paths of the harness (events, device memory, kernel launches) on a small case."""
+    args = command.build_parser().parse_args(
+        ["--device", "cuda", "--image-size", "256", "--frames", "4", "--resolution", "120x200", "--objects", "2",
+         "--ladder", "eager-fp32,bf16", "--reference", "ref-eager-fp32,ref-bf16", "--repeats", "1",
+         "--out", str(tmp_path)] + _ours_flag())
+    (result,) = command.run(args, log=lambda *a: None)
+    rows = {r["key"]: r for r in result["rows"]}
+    assert result["floor"]["matmul"]["dtype"] == "bfloat16" and result["floor"]["matmul"]["tflops"] > 1
+    for key in ("ref-eager-fp32", "ref-bf16", "eager-fp32", "bf16"):
+        r = rows[key]
+        assert r["status"] == "ok", r
+        assert r["peak_device_mib"] > 0 and r["p50_ms"] > 0
+    assert rows["eager-fp32"]["logit_rel_err"] < 1e-3
+    assert rows["bf16"]["miou"] > 0.9 and rows["ref-bf16"]["miou"] > 0.9
+    impl = "ours" if impls.ours_impl().available else "reference"
+    pargs = profile.build_parser().parse_args(
+        ["--device", "cuda", "--impl", impl, "--image-size", "256", "--frames", "4", "--resolution", "120x200",
+         "--profile-frames", "2", "--out", str(tmp_path / "profiles")])
+    out = profile.run(pargs, log=lambda *a: None)
+    assert out["summary"]["profiler"]["device_launches_per_frame"] > 0
+    assert os.path.isdir(out["out_dir"]) and os.sep + "cpu" + os.sep not in out["out_dir"]
