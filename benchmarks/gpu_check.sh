@@ -84,7 +84,7 @@ bench() {  # bench <name> <args...>: one side-by-side run with the step's time b
 case "$STEP" in
 correctness)
     timeout -k 10 $(( LIMIT - $(elapsed) )) "$PY" -m pytest tests -m cuda -q -rA -p no:cacheprovider \
-        --junitxml="$WORK/junit_cuda.xml" 2>&1 | tail -n 400 | tee "$WORK/pytest_cuda.txt"
+        --junitxml="$WORK/junit_cuda.xml" 2>&1 | tee "$WORK/pytest_cuda.txt"
     ;;
 bench)
     bench tiny --model tiny --objects 1 --frames 48 "${SIZE[@]}" --ladder "$LADDER" \
