@@ -84,6 +84,9 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
                    help="keep fill_hole_area post-processing (the pip reference skips it without its CUDA extension)")
     p.add_argument("--no-floor", action="store_true", help="skip the matmul-rate measurement")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and CSV files")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for our compiled rows (default: the runtime's own, "
+                        "max-autotune-no-cudagraphs on CUDA); 'default' compiles much faster")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run: rows that would start too late are reported n/a (GPU check)")
     return p
@@ -114,6 +117,10 @@ def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
         f"commit {meta['commit']} | {meta['date']}")
     if matmul:
         log(f"measured {matmul['dtype']} matmul ({matmul['n']}³): {matmul['tflops']:.3g} TFLOP/s")
+    if args.compile_mode:
+        for row, _ in rows:
+            if row.runtime is not None and row.runtime.get("compile"):
+                row.runtime["compile_mode"] = args.compile_mode
     if args.dtype != "all":
         rows = [(r, why) for r, why in rows if r.golden or r.dtype == args.dtype]
     all_results = []
