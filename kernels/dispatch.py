@@ -8,7 +8,7 @@ Public functions (tensor contracts in each docstring and in the kernel modules):
     upsample_masks(logits, size, threshold=0.0, want_logits=False) -> (mask, logits | None)
     rope_tables(head_dim, end_x, end_y, theta=10000.0, device=None) -> (cos, sin)
 
-Switches (read when a call is traced/run):
+Switches (read when a call is traced/run; names in ``ENV_ALL`` / ``ENV_SWITCHES``):
     SAM2_FAST_DISABLE_KERNELS=1         every dispatcher uses the PyTorch path
     SAM2_FAST_DISABLE_WINDOW_ATTN=1     only window_attention
     SAM2_FAST_DISABLE_MEMORY_ATTN=1     memory_cross_attention and rope_self_attention
@@ -17,7 +17,8 @@ Switches (read when a call is traced/run):
                                         needs TRITON_INTERPRET=1 at process start (tests)
     SAM2_FAST_FLASH_ATTN=1              global (window 0) Hiera blocks in fp16/bf16 on CUDA go
                                         through flash-attn when it is installed (optional)
-``launch_counts()`` tells which kernels ran (custom-op executions, so compiled graphs count
+``kernel_enabled(kernel, device_type)`` is the switch/device policy alone (model code asks it
+before calling a dispatcher, so the CPU default path stays the model's own). ``launch_counts()`` tells which kernels ran (custom-op executions, so compiled graphs count
 too) and ``fallback_counts()`` why an enabled kernel handed a call to PyTorch.
 
 Each Triton path is a ``torch.library`` custom op (namespace ``sam2_fast``) with a fake
@@ -41,12 +42,16 @@ from ._common import interpreting
 
 rope_tables = _ma.rope_tables
 
-_ENV_ALL = "SAM2_FAST_DISABLE_KERNELS"
-_ENV_ONE = {
+# Public switch names (the bench ladder sets them per row): "1" sends calls to PyTorch.
+ENV_ALL = "SAM2_FAST_DISABLE_KERNELS"
+ENV_SWITCHES = {
     "window_attention": "SAM2_FAST_DISABLE_WINDOW_ATTN",
     "memory_attention": "SAM2_FAST_DISABLE_MEMORY_ATTN",
     "mask_upsample": "SAM2_FAST_DISABLE_MASK_UPSAMPLE",
 }
+# Old private spellings, kept for code written against them.
+_ENV_ALL = ENV_ALL
+_ENV_ONE = ENV_SWITCHES
 _ENV_FORCE = "SAM2_FAST_FORCE_KERNELS"
 _ENV_FLASH = "SAM2_FAST_FLASH_ATTN"
 
@@ -87,7 +92,7 @@ def _flag(name: str) -> bool:
 @torch.compiler.assume_constant_result
 def _use_triton(kernel: str, device_type: str) -> bool:
     """The backend policy for one kernel on one device type (constant for a compiled graph)."""
-    if _flag(_ENV_ALL) or _flag(_ENV_ONE[kernel]):
+    if _flag(ENV_ALL) or _flag(ENV_SWITCHES[kernel]):
         return False
     if device_type == "cuda":
         return True
@@ -98,6 +103,18 @@ def _use_triton(kernel: str, device_type: str) -> bool:
                 "set before triton is imported")
         return True
     return False
+
+
+def kernel_enabled(kernel: str, device_type: str) -> bool:
+    """Whether ``kernel``'s dispatcher sends calls on ``device_type`` tensors to Triton.
+
+    kernel: a key of ``ENV_SWITCHES``. This is the switch/device policy only; a call can
+    still fall back for its shapes (counted in ``fallback_counts``). Model code asks this
+    first so that, where no kernel runs, it keeps its own PyTorch path bit for bit.
+    """
+    if kernel not in ENV_SWITCHES:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {sorted(ENV_SWITCHES)}")
+    return _use_triton(kernel, device_type)
 
 
 def _declined(kernel: str, reason: Optional[str]) -> bool:
@@ -195,6 +212,16 @@ def _window_attention_flash(qkv, num_heads, q_pool):
         q = grid.permute(0, 2, 3, 1).reshape(b, hq * wq, num_heads, -1)
     _LAUNCHES["flash_window_attention"] += 1
     return _flash_attn_func()(q, k, v).reshape(b, hq, wq, c3 // 3)
+
+
+def window_attention_reason(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
+                            window: int, q_pool: bool) -> Optional[str]:
+    """Why the window kernel would not take this call (None when it would); a reason is
+    counted in ``fallback_counts``. Lets the model keep its own path for such blocks (e.g.
+    q pooling of an odd map, which ``window_attention``'s PyTorch path rejects)."""
+    reason = _wa.unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool)
+    _declined("window_attention", reason)
+    return reason
 
 
 def window_attention(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,

@@ -10,7 +10,7 @@ How a row switches features on (the contract with the kernel and runtime code):
 * kernels: ``sam2_fast.kernels.dispatch`` names one environment variable that disables
   every kernel and one per kernel ("1" = use the PyTorch path); the dispatchers read them
   when a call is traced or run, so a row sets them before building and restores them after.
-  Public names ``ENV_ALL``/``ENV_SWITCHES`` are used when present, else ``_ENV_ALL``/``_ENV_ONE``.
+  Their names come from the dispatcher's public ``ENV_ALL``/``ENV_SWITCHES``.
 * runtime: rows from bf16 on build our eager predictor and then call
   ``sam2_fast.runtime.enable_fast_runtime(predictor, dtype=..., compile=..., static_bank=...,
   cuda_graphs=...)`` with that row's knobs (``vos_optimized=True`` turns all of them on);
@@ -59,8 +59,8 @@ def _kernel_switches() -> Optional[tuple]:
         mod = importlib.import_module("sam2_fast.kernels.dispatch")
     except Exception:  # noqa: BLE001 - no kernels here: the kernel rows say so
         return None
-    every = getattr(mod, "ENV_ALL", getattr(mod, "_ENV_ALL", None))
-    one = getattr(mod, "ENV_SWITCHES", getattr(mod, "_ENV_ONE", None))
+    every = getattr(mod, "ENV_ALL", None)
+    one = getattr(mod, "ENV_SWITCHES", None)
     if not every or not isinstance(one, dict):
         return None
     return every, dict(one)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam2_fast.kernels import dispatch as _dispatch
+
 from ..config import HieraConfig
 from .common import MLP
 
@@ -35,7 +37,10 @@ _LN_EPS = 1e-6
 def hiera_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The attention of one Hiera block over all its windows at once (the kernel hook).
 
-    This is the only place where a Hiera block attends; a fused kernel can replace it.
+    The PyTorch path of a Hiera block's attention. Where the window-attention Triton kernel
+    is enabled (``sam2_fast.kernels.dispatch.kernel_enabled``), ``MultiScaleAttention``
+    hands the whole block (partition, padding, q pooling, attention, un-partition) to the
+    ``window_attention`` dispatcher instead and this function is not called.
 
     Args:
         q: (N, heads, Lq, D) queries. ``N = B * num_windows`` (``N = B`` for a global block,
@@ -100,6 +105,10 @@ def max_pool_hw(x: torch.Tensor, stride: Tuple[int, int]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- blocks
+# The fused kernel pools queries 2x2 only (Hiera's q_stride in every official config).
+_KERNEL_Q_STRIDE = (2, 2)
+
+
 class MultiScaleAttention(nn.Module):
     """Multi-head attention of one block, windowed or global, with optional query pooling.
 
@@ -117,8 +126,25 @@ class MultiScaleAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim_out)
         self.proj = nn.Linear(dim_out, dim_out)
 
+    def _fused_kernel_ok(self, x: torch.Tensor) -> bool:
+        """Hand the block to the window-attention dispatcher only when its Triton kernel runs
+        (so that elsewhere this module's PyTorch path, and its numerics, stay as they are)."""
+        if self.q_stride is not None and tuple(self.q_stride) != _KERNEL_Q_STRIDE:
+            return False
+        return _dispatch.kernel_enabled("window_attention", x.device.type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, dim) normalised map -> (B, H', W', dim_out); H' = H // stride when pooling."""
+        if self._fused_kernel_ok(x):
+            # partition, padding, q pooling and un-partition happen inside the kernel
+            qkv = self.qkv(x)  # (B, H, W, 3*dim_out) on the unpadded map
+            pool = self.q_stride is not None
+            if _dispatch.window_attention_reason(qkv, self.qkv.bias, self.num_heads, self.window,
+                                                 pool) is None:
+                out = _dispatch.window_attention(qkv, self.qkv.bias, self.num_heads, self.window,
+                                                 pool)  # (B, H', W', dim_out)
+                return self.proj(out)
+            # declined (reason counted by the dispatcher): the PyTorch path below
         b, h, w, _ = x.shape
         if self.window > 0:
             wins, grid = split_windows(x, self.window)  # (N, win, win, dim), zero-padded

@@ -21,6 +21,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from sam2_fast.kernels import dispatch as _dispatch
 from sam2_fast.modeling import transformer as _tf
 from sam2_fast.modeling.transformer import Attention
 
@@ -91,13 +92,51 @@ def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: b
 
 def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
                         repeat_k: bool = False, num_k_exclude: int = 0, dropout_p: float = 0.0) -> Tensor:
-    """Rotate then attend: the seam where a fused RoPE-attention kernel can take over.
+    """Rotate then attend. Where the memory-attention Triton kernel is enabled
+    (``sam2_fast.kernels.dispatch.kernel_enabled``) the call goes to the fused dispatchers
+    (RoPE inside the kernel); otherwise this PyTorch path runs unchanged.
 
     q (B, h, Nq, D), k (B, h, Nk, D), v (B, h, Nk, Dv): projected, NOT yet rotated;
     cos/sin (Nq, D/2) float32 tables of the query grid. Returns (B, h, Nq, Dv).
     """
+    if dropout_p == 0.0 and _dispatch.kernel_enabled("memory_attention", q.device.type):
+        fused = _fused_rope_attention(q, k, v, cos, sin, repeat_k, num_k_exclude)
+        if fused is not None:
+            return fused
     q, k = apply_axial_rope(q, k, cos, sin, repeat_k=repeat_k, num_k_exclude=num_k_exclude)
     return _tf.attention_core(q, k, v, dropout_p=dropout_p)
+
+
+def _fused_rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                          repeat_k: bool, num_k_exclude: int):
+    """The call through the fused-kernel dispatchers, or None for a layout they do not take.
+
+    Self-attention (keys are the query grid): ``rope_self_attention``. Cross-attention to
+    memories: the rotated keys are S query-sized frames back to back, which is exactly a
+    slot bank (B, S, HW, D) viewed in place with slot_ids 0..S-1; the trailing
+    ``num_k_exclude`` tokens are the unrotated object pointers. Heads fold into the batch
+    (memory attention has one head, so that is a view too).
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[-2]
+    n_rot = nk - num_k_exclude
+    if v.shape[-1] != d or not 0 <= num_k_exclude <= nk or n_rot % nq:
+        return None  # the PyTorch path explains the problem (or handles Dv != D)
+    if not repeat_k and n_rot not in (0, nq):
+        return None
+    # (B, h, N, D) -> (B*h, N, D); a view when h == 1
+    qf, kf, vf = (t.reshape(b * h, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+    if not repeat_k and num_k_exclude == 0:
+        out = _dispatch.rope_self_attention(qf, kf, vf, cos, sin)  # (B*h, Nq, D)
+        return out.view(b, h, nq, d)
+    n_slots = n_rot // nq
+    bank_k = kf[:, :n_rot].unflatten(1, (n_slots, nq))  # (B*h, S, HW, D), a view
+    bank_v = vf[:, :n_rot].unflatten(1, (n_slots, nq))
+    ptr_k = kf[:, n_rot:] if num_k_exclude else None  # (B*h, P, D)
+    ptr_v = vf[:, n_rot:] if num_k_exclude else None
+    slots = torch.arange(n_slots, dtype=torch.int32, device=q.device)
+    out = _dispatch.memory_cross_attention(qf, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
+    return out.view(b, h, nq, d)
 
 
 class RoPEAttention(Attention):

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sam2_fast.kernels import dispatch as _dispatch
 from sam2_fast.modeling.sam2_heads import NO_OBJ_SCORE  # score of a missing / absent object
+from sam2_fast.profiling import stage
 from sam2_fast.utils.masks import fill_holes_in_mask_scores
 from sam2_fast.video.state import COND, NON_COND, FrameOutput, VideoSession
 
@@ -20,10 +22,15 @@ from sam2_fast.video.state import COND, NON_COND, FrameOutput, VideoSession
 def resize_to_video(masks: Tensor, height: int, width: int) -> Tensor:
     """Bilinear resize of mask logits (N, 1, h, w) -> (N, 1, height, width).
 
-    The one place video-resolution masks are produced (a fused kernel can replace it).
+    The one place video-resolution masks are produced. Where the mask-upsampling Triton
+    kernel is enabled it goes through the ``upsample_masks`` dispatcher (the API returns
+    logits, so the kernel writes them too); elsewhere ``F.interpolate`` as before.
     """
     if masks.shape[-2:] == (height, width):
         return masks
+    if _dispatch.kernel_enabled("mask_upsample", masks.device.type):
+        _, logits = _dispatch.upsample_masks(masks, (height, width), want_logits=True)
+        return logits
     return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
 
 
@@ -114,7 +121,9 @@ def merge_objects_on_frame(model, session: VideoSession, frame_idx: int, is_cond
         if out is None:
             continue
         masks = out["pred_masks"]
-        if masks.shape[-2:] != size:
+        if at_video_res:
+            masks = resize_to_video(masks, *size)  # (1, 1, H, W): the upsampling path
+        elif masks.shape[-2:] != size:
             masks = resize_logits(masks, size)
         merged[slot : slot + 1] = masks
     return merged
@@ -122,10 +131,11 @@ def merge_objects_on_frame(model, session: VideoSession, frame_idx: int, is_cond
 
 def video_res_output(model, session: VideoSession, masks: Tensor) -> Tensor:
     """Mask logits at the video's own resolution, optionally without overlaps between objects."""
-    masks = masks.to(session.device, non_blocking=True)
-    masks = resize_to_video(masks, session.video_height, session.video_width)
-    if model.non_overlap_masks:
-        masks = model._apply_non_overlapping_constraints(masks)
+    with stage("upsampling"):
+        masks = masks.to(session.device, non_blocking=True)
+        masks = resize_to_video(masks, session.video_height, session.video_width)
+        if model.non_overlap_masks:
+            masks = model._apply_non_overlapping_constraints(masks)
     return masks
 
 
