@@ -183,6 +183,7 @@ def test_bench_rejects_bad_options_by_name(argv, needle):
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_and_profile_on_cuda(tmp_path):
     """The CUDA paths of the harness (events, device memory, kernel launches) on a small case."""

@@ -343,6 +343,7 @@ def test_truncated_video_fails_on_the_missing_frames(tmp_path, small_mp4):
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_frames_bitwise_equal_cpu(small_mp4):
     with open_frames(small_mp4, 64, "cuda") as gpu, open_frames(small_mp4, 64, "cpu") as cpu:

@@ -167,6 +167,7 @@ def test_postprocess_low_res_matches_reference_transforms(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     rng = np.random.default_rng(2)

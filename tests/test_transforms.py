@@ -148,6 +148,7 @@ def test_runs_without_torchvision():
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_preprocessing_close_to_cpu():
     rng = np.random.default_rng(9)
