@@ -222,3 +222,31 @@ def test_sensitive_weights_give_large_logits(set_pair):
     _, our_p, _ = set_pair
     masks, _, _ = our_p.predict(point_coords=np.array([[60, 40]]), point_labels=np.array([1]), return_logits=True)
     assert np.abs(masks).max() > 1.0, "weights are too quiet to catch semantic bugs"
+
+
+# ---------------------------------------------------------------- CUDA (run by the GPU check)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_parity_fp32_and_bf16_autocast():
+    ref_model, our_model = build_pair(T21, image_size=256, seed=5)
+    ref_model, our_model = ref_model.cuda(), our_model.cuda()
+    ref_p, our_p = ref_image_predictor(ref_model), SAM2ImagePredictor(our_model)
+    img = random_image(181, 243, seed=12)
+    kw = dict(point_coords=np.array([[100, 60]]), point_labels=np.array([1]), return_logits=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref_p.set_image(img)
+        our_p.set_image(img)
+        _compare_embeddings(ref_p, our_p)
+        _compare_predict(ref_p, our_p, **kw)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_p.set_image(img)
+        our_p.set_image(img)
+        a = our_p.predict(**kw)[0]
+        b = ref_p.predict(**kw)[0]
+    # bf16 keeps 8 mantissa bits: 2^-8 relative per rounding; ~30 chained roundings on the
+    # image path add up like a random walk, x4 margin: 4 * sqrt(30) * 2^-8 ~= 0.086
+    assert rel_err(torch.from_numpy(a), torch.from_numpy(b)) < 4 * 30 ** 0.5 * 2 ** -8
