@@ -234,3 +234,27 @@ def test_memory_attention_module_with_kernels_matches_reference(models):
     assert K.launch_counts() == {"memory_attention": 4, "rope_self_attention": 4}
     err = rel_err(got, expect)
     assert err <= TOL, f"memory attention with kernels vs reference: {err:.2e}"
+
+
+def test_seams_trace_fullgraph_with_kernels(models):
+    """torch.compile(fullgraph=True) traces each wired seam through the custom ops."""
+    _, ours = models
+    g = torch.Generator().manual_seed(13)
+    hw, n_mem, n_ptr, batch = 16, 2, 4, 1
+    args = (torch.randn(hw, batch, 256, generator=g), torch.randn(n_mem * hw + n_ptr, batch, 64, generator=g),
+            torch.randn(hw, batch, 256, generator=g), torch.randn(n_mem * hw + n_ptr, batch, 64, generator=g))
+    low_res = torch.randn(2, 1, 16, 16, generator=g)
+    torch._dynamo.reset()
+    with torch.no_grad(), V.single_thread():
+        eager = (ours.image_encoder.trunk(_image())[-1], ours.memory_attention(*args, num_obj_ptr_tokens=n_ptr),
+                 O.resize_to_video(low_res, *VIDEO_HW))
+        with K.force_kernels():
+            trunk = torch.compile(ours.image_encoder.trunk, fullgraph=True, backend="eager")
+            mem = torch.compile(lambda *a: ours.memory_attention(*a, num_obj_ptr_tokens=n_ptr),
+                                fullgraph=True, backend="eager")
+            resize = torch.compile(lambda m: O.resize_to_video(m, *VIDEO_HW), fullgraph=True, backend="eager")
+            traced = (trunk(_image())[-1], mem(*args), resize(low_res))
+    torch._dynamo.reset()
+    assert set(K.launch_counts()) == set(KERNELS), K.launch_counts()
+    for name, a, b in zip(("trunk", "memory attention", "resize"), traced, eager):
+        assert rel_err(a, b) <= TOL, f"{name}: compiled with kernels vs eager PyTorch {rel_err(a, b):.2e}"
