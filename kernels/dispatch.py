@@ -7,6 +7,8 @@ Public functions (tensor contracts in each docstring and in the kernel modules):
     rope_self_attention(q, k, v, rope_cos, rope_sin) -> (B, N, D)
     upsample_masks(logits, size, threshold=0.0, want_logits=False) -> (mask, logits | None)
     rope_tables(head_dim, end_x, end_y, theta=10000.0, device=None) -> (cos, sin)
+    kernel_enabled(kernel, device_type) -> bool
+    window_attention_reason(qkv, qkv_bias, num_heads, window, q_pool) -> str | None
 
 Switches (read when a call is traced/run; names in ``ENV_ALL`` / ``ENV_SWITCHES``):
     SAM2_FAST_DISABLE_KERNELS=1         every dispatcher uses the PyTorch path
@@ -17,9 +19,11 @@ Switches (read when a call is traced/run; names in ``ENV_ALL`` / ``ENV_SWITCHES`
                                         needs TRITON_INTERPRET=1 at process start (tests)
     SAM2_FAST_FLASH_ATTN=1              global (window 0) Hiera blocks in fp16/bf16 on CUDA go
                                         through flash-attn when it is installed (optional)
-``kernel_enabled(kernel, device_type)`` is the switch/device policy alone (model code asks it
-before calling a dispatcher, so the CPU default path stays the model's own). ``launch_counts()`` tells which kernels ran (custom-op executions, so compiled graphs count
-too) and ``fallback_counts()`` why an enabled kernel handed a call to PyTorch.
+``kernel_enabled(kernel, device_type)`` is the switch/device policy alone: model code asks it
+before calling a dispatcher, so where no kernel runs (the CPU default) the model keeps its
+own PyTorch path; ``window_attention_reason(...)`` says (and counts) why a Hiera block would
+be declined. ``launch_counts()`` tells which kernels ran (custom-op executions, so compiled
+graphs count too) and ``fallback_counts()`` why an enabled kernel handed a call to PyTorch.
 
 Each Triton path is a ``torch.library`` custom op (namespace ``sam2_fast``) with a fake
 implementation, so ``torch.compile(fullgraph=True)`` traces through it; the PyTorch paths

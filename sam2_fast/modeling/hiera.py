@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam2_fast.kernels import dispatch as _dispatch
-
 from ..config import HieraConfig
+from . import kernel_gate
 from .common import MLP
 
 _LN_EPS = 1e-6
@@ -38,7 +37,7 @@ def hiera_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     """The attention of one Hiera block over all its windows at once (the kernel hook).
 
     The PyTorch path of a Hiera block's attention. Where the window-attention Triton kernel
-    is enabled (``sam2_fast.kernels.dispatch.kernel_enabled``), ``MultiScaleAttention``
+    is enabled (``kernel_gate.kernel_enabled``), ``MultiScaleAttention``
     hands the whole block (partition, padding, q pooling, attention, un-partition) to the
     ``window_attention`` dispatcher instead and this function is not called.
 
@@ -131,18 +130,19 @@ class MultiScaleAttention(nn.Module):
         (so that elsewhere this module's PyTorch path, and its numerics, stay as they are)."""
         if self.q_stride is not None and tuple(self.q_stride) != _KERNEL_Q_STRIDE:
             return False
-        return _dispatch.kernel_enabled("window_attention", x.device.type)
+        return kernel_gate.kernel_enabled("window_attention", x.device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, dim) normalised map -> (B, H', W', dim_out); H' = H // stride when pooling."""
         if self._fused_kernel_ok(x):
             # partition, padding, q pooling and un-partition happen inside the kernel
+            kernels = kernel_gate.dispatch()
             qkv = self.qkv(x)  # (B, H, W, 3*dim_out) on the unpadded map
             pool = self.q_stride is not None
-            if _dispatch.window_attention_reason(qkv, self.qkv.bias, self.num_heads, self.window,
-                                                 pool) is None:
-                out = _dispatch.window_attention(qkv, self.qkv.bias, self.num_heads, self.window,
-                                                 pool)  # (B, H', W', dim_out)
+            if kernels.window_attention_reason(qkv, self.qkv.bias, self.num_heads, self.window,
+                                               pool) is None:
+                out = kernels.window_attention(qkv, self.qkv.bias, self.num_heads, self.window,
+                                               pool)  # (B, H', W', dim_out)
                 return self.proj(out)
             # declined (reason counted by the dispatcher): the PyTorch path below
         b, h, w, _ = x.shape

@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from sam2_fast.kernels import dispatch as _dispatch
+from sam2_fast.modeling import kernel_gate
 from sam2_fast.modeling import transformer as _tf
 from sam2_fast.modeling.transformer import Attention
 
@@ -42,9 +42,15 @@ def axial_rope_angles(head_dim: int, width: int, height: int, theta: float = 100
 
 def axial_rope_table(head_dim: int, width: int, height: int, theta: float = 10000.0,
                      device=None) -> Tuple[Tensor, Tensor]:
-    """(cos, sin), each (height*width, head_dim // 2) float32."""
+    """(cos, sin), each (height*width, head_dim // 2) float32.
+
+    Taken from ``torch.polar`` rather than ``torch.cos``/``torch.sin``: the complex path
+    rounds some entries one ulp differently, and it is how the official tables are made
+    (measured: the memory-attention stack then matches the reference bit for bit on CPU).
+    """
     ang = axial_rope_angles(head_dim, width, height, theta, device)
-    return torch.cos(ang), torch.sin(ang)
+    unit = torch.polar(torch.ones_like(ang), ang)  # (N, D/2) complex64
+    return unit.real.contiguous(), unit.imag.contiguous()
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -93,13 +99,13 @@ def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: b
 def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
                         repeat_k: bool = False, num_k_exclude: int = 0, dropout_p: float = 0.0) -> Tensor:
     """Rotate then attend. Where the memory-attention Triton kernel is enabled
-    (``sam2_fast.kernels.dispatch.kernel_enabled``) the call goes to the fused dispatchers
+    (``kernel_gate.kernel_enabled``) the call goes to the fused dispatchers
     (RoPE inside the kernel); otherwise this PyTorch path runs unchanged.
 
     q (B, h, Nq, D), k (B, h, Nk, D), v (B, h, Nk, Dv): projected, NOT yet rotated;
     cos/sin (Nq, D/2) float32 tables of the query grid. Returns (B, h, Nq, Dv).
     """
-    if dropout_p == 0.0 and _dispatch.kernel_enabled("memory_attention", q.device.type):
+    if dropout_p == 0.0 and kernel_gate.kernel_enabled("memory_attention", q.device.type):
         fused = _fused_rope_attention(q, k, v, cos, sin, repeat_k, num_k_exclude)
         if fused is not None:
             return fused
@@ -117,6 +123,7 @@ def _fused_rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Ten
     ``num_k_exclude`` tokens are the unrotated object pointers. Heads fold into the batch
     (memory attention has one head, so that is a view too).
     """
+    kernels = kernel_gate.dispatch()
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     n_rot = nk - num_k_exclude
@@ -127,7 +134,7 @@ def _fused_rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Ten
     # (B, h, N, D) -> (B*h, N, D); a view when h == 1
     qf, kf, vf = (t.reshape(b * h, t.shape[-2], t.shape[-1]) for t in (q, k, v))
     if not repeat_k and num_k_exclude == 0:
-        out = _dispatch.rope_self_attention(qf, kf, vf, cos, sin)  # (B*h, Nq, D)
+        out = kernels.rope_self_attention(qf, kf, vf, cos, sin)  # (B*h, Nq, D)
         return out.view(b, h, nq, d)
     n_slots = n_rot // nq
     bank_k = kf[:, :n_rot].unflatten(1, (n_slots, nq))  # (B*h, S, HW, D), a view
@@ -135,7 +142,7 @@ def _fused_rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Ten
     ptr_k = kf[:, n_rot:] if num_k_exclude else None  # (B*h, P, D)
     ptr_v = vf[:, n_rot:] if num_k_exclude else None
     slots = torch.arange(n_slots, dtype=torch.int32, device=q.device)
-    out = _dispatch.memory_cross_attention(qf, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
+    out = kernels.memory_cross_attention(qf, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
     return out.view(b, h, nq, d)
 
 

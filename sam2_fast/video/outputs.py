@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sam2_fast.kernels import dispatch as _dispatch
+from sam2_fast.modeling import kernel_gate
 from sam2_fast.modeling.sam2_heads import NO_OBJ_SCORE  # score of a missing / absent object
 from sam2_fast.profiling import stage
 from sam2_fast.utils.masks import fill_holes_in_mask_scores
@@ -28,8 +28,8 @@ def resize_to_video(masks: Tensor, height: int, width: int) -> Tensor:
     """
     if masks.shape[-2:] == (height, width):
         return masks
-    if _dispatch.kernel_enabled("mask_upsample", masks.device.type):
-        _, logits = _dispatch.upsample_masks(masks, (height, width), want_logits=True)
+    if kernel_gate.kernel_enabled("mask_upsample", masks.device.type):
+        _, logits = kernel_gate.dispatch().upsample_masks(masks, (height, width), want_logits=True)
         return logits
     return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
 
