@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import LaunchConfig, check_dtype, dot_precision, next_pow2, raise_if
+from ._softmax import online_softmax_step
 
 LOG2E = 1.4426950408889634
 # Head dims the kernel takes: powers of two (so that D/2 halves tile exactly).
@@ -69,12 +70,7 @@ def _online_update(qe, qo, ke, ko, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PREC:
     s = tl.dot(qe, tl.trans(ke), input_precision=DOT_PREC)
     s = tl.dot(qo, tl.trans(ko), s, input_precision=DOT_PREC) * qk_scale
     s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    return online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
 
 @triton.jit

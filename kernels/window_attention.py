@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import LaunchConfig, MIN_DOT_TILE, check_dtype, dot_precision, next_pow2, raise_if
+from ._softmax import online_softmax_step
 
 # Hiera pools queries with a (2, 2) max pool (``q_stride``); nothing else is supported.
 Q_POOL_STRIDE = 2
@@ -116,12 +117,7 @@ def _window_attn_kernel(
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (M, N) fp32
         s = tl.where(in_win[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     acc = acc / l_i[:, None]
     o_ptr = (out_ptr + b.to(tl.int64) * s_out_b + qy[:, None] * s_out_h + qx[:, None] * s_out_w
