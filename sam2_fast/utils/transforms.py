@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sam2_fast.modeling import kernel_gate
 from sam2_fast.utils.masks import postprocess_low_res_masks
 
 __all__ = [
@@ -134,8 +135,15 @@ def transform_boxes(boxes: torch.Tensor, resolution: int, normalize: bool = Fals
 
 
 def upsample_masks(masks: torch.Tensor, orig_hw: Sequence[int]) -> torch.Tensor:
-    """(B, C, h, w) mask logits -> (B, C, H, W) by bilinear interpolation."""
+    """(B, C, h, w) mask logits -> (B, C, H, W) by bilinear interpolation.
+
+    Where the mask-upsampling Triton kernel is enabled (CUDA, or forced in tests) this goes
+    through its dispatcher, which samples exactly like ``F.interpolate`` below.
+    """
     h, w = int(orig_hw[0]), int(orig_hw[1])
+    if kernel_gate.kernel_enabled("mask_upsample", masks.device.type):
+        _, logits = kernel_gate.dispatch().upsample_masks(masks, (h, w), want_logits=True)
+        return logits
     return F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
 
 
