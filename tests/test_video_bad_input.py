@@ -153,6 +153,20 @@ def test_empty_prompt(predictor, state):
     _still_usable(predictor, state)
 
 
+def test_points_outside_the_frame(predictor, state):
+    w, h = state["video_width"], state["video_height"]
+    with pytest.raises(ValueError, match="outside the"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[[w + 5, 3]], labels=[1])
+    with pytest.raises(ValueError, match="outside the"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[[4, -1]], labels=[0])
+    with pytest.raises(ValueError, match="outside the"):
+        predictor.add_new_points_or_box(state, 0, 1, box=[0, 0, w, h + 10])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[[0.5, 1.5]], labels=[1], normalize_coords=False)
+    assert state["obj_ids"] == []
+    _still_usable(predictor, state)
+
+
 def test_propagate_without_prompts(predictor, state):
     with pytest.raises(RuntimeError, match="No input points or masks"):
         next(iter(predictor.propagate_in_video(state)))

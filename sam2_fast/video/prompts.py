@@ -101,11 +101,25 @@ def build_point_prompt(session: VideoSession, image_size: int, points: Any, labe
         points = torch.cat([corners, points.to(corners.dtype)], dim=1)
         labels = torch.cat([corner_labels, labels], dim=1)
 
+    _check_inside(points, labels, session, normalize_coords)
     if normalize_coords:
         frame_wh = torch.tensor([session.video_width, session.video_height])
         points = points / frame_wh.to(points.device)
     points = points * image_size  # normalized [0, 1] -> model-input pixels
     return {"point_coords": points.to(session.device), "point_labels": labels.to(session.device)}
+
+
+def _check_inside(points: Tensor, labels: Tensor, session: VideoSession, normalize_coords: bool) -> None:
+    """Clicks and box corners must lie on the frame (padding points, label -1, may not)."""
+    limit = (torch.tensor([session.video_width, session.video_height], dtype=points.dtype)
+             if normalize_coords else torch.ones(2, dtype=points.dtype)).to(points.device)
+    real = points[labels >= 0]  # (P', 2)
+    outside = ((real < 0) | (real > limit)).any(dim=-1)
+    if outside.any():
+        x, y = real[outside][0].tolist()
+        where = (f"the {session.video_width}x{session.video_height} video frame" if normalize_coords
+                 else "[0, 1] (normalize_coords=False expects normalised coordinates)")
+        raise ValueError(f"point ({x:g}, {y:g}) lies outside {where}")
 
 
 def append_points(old: Optional[PointPrompt], new: PointPrompt) -> PointPrompt:
