@@ -39,18 +39,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _check_array(shape: tuple[int, ...], dtype: Any) -> None:
+def check_hwc_uint8(shape: tuple[int, ...], dtype: Any, what: str = "image",
+                    error: type[Exception] = ValueError) -> None:
+    """Reject what cannot be an HWC uint8 picture (image or video frame), naming ``what``.
+
+    Grayscale (H, W) / (H, W, 1) and RGBA (H, W, 4) pass: callers convert them to RGB.
+    """
     name = str(dtype).replace("torch.", "")
     if name != "uint8":
-        raise ValueError(f"image must be uint8 (0..255), got dtype {name}")
+        raise error(f"{what} has dtype {name}; it must be uint8 (0..255)")
     if len(shape) not in (2, 3):
-        raise ValueError(f"image must be (H, W, 3) or (H, W), got shape {shape}")
+        raise error(f"{what} has shape {shape}; expected (H, W, 3) (or (H, W))")
     if len(shape) == 3 and shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"image must be HWC with 3 channels (1 and 4 are converted), got shape {shape}"
-        )
+        raise error(f"{what} has {shape[2]} channels (shape {shape}); expected 3 channels "
+                    "(1 = grayscale and 4 = RGBA are converted to RGB)")
     if shape[0] == 0 or shape[1] == 0:
-        raise ValueError(f"image is empty (shape {shape})")
+        raise error(f"{what} is empty (shape {shape})")
 
 
 def image_hw(image: Any) -> tuple[int, int]:
@@ -70,10 +74,10 @@ def image_to_uint8_chw(image: Any) -> torch.Tensor:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
-        _check_array(tuple(image.shape), image.dtype)
+        check_hwc_uint8(tuple(image.shape), image.dtype)
         t = torch.from_numpy(np.ascontiguousarray(image))
     elif isinstance(image, torch.Tensor):
-        _check_array(tuple(image.shape), image.dtype)
+        check_hwc_uint8(tuple(image.shape), image.dtype)
         t = image
     else:
         raise ValueError(

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from sam2_fast.utils.transforms import check_hwc_uint8
 from sam2_fast.video.frames_errors import FrameSourceError, VideoNotFoundError
 
 JPEG_EXTS = (".jpg", ".jpeg")
@@ -105,18 +106,7 @@ def _frame_layout(idx: int, frame: Any) -> tuple[int, ...]:
             "numpy arrays or torch tensors"
         )
     shape = tuple(int(s) for s in frame.shape)
-    dtype = str(frame.dtype).replace("torch.", "")
-    if dtype != "uint8":
-        raise FrameSourceError(f"frame {idx} has dtype {dtype}; frames must be uint8 (0..255)")
-    if len(shape) not in (2, 3):
-        raise FrameSourceError(f"frame {idx} has shape {shape}; expected (H, W, 3) (or (H, W))")
-    if len(shape) == 3 and shape[2] not in (1, 3, 4):
-        raise FrameSourceError(
-            f"frame {idx} has {shape[2]} channels (shape {shape}); expected 3 "
-            "(1 = grayscale and 4 = RGBA are converted to RGB)"
-        )
-    if shape[0] == 0 or shape[1] == 0:
-        raise FrameSourceError(f"frame {idx} is empty (shape {shape})")
+    check_hwc_uint8(shape, frame.dtype, what=f"frame {idx}", error=FrameSourceError)
     return shape
 
 
