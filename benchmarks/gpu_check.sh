@@ -2,6 +2,9 @@
 # The GPU check, for a lent GPU machine (torch 2.11 / triton 3.6 / Python 3.12, no internet).
 # Run from the repository root, one step per device-tool call, in this priority order:
 #
+#   bash benchmarks/gpu_check.sh quick         # ONE call for a 15-minute lease (< 9 min): kernel
+#                                              # candidates at real shapes, pytest -m cuda on the
+#                                              # kernels, tiny 480p ours vs reference bf16, 1 and 8 objects
 #   bash benchmarks/gpu_check.sh correctness   # pytest -m cuda (kernels, bf16 numerics, graphs, parity)
 #   bash benchmarks/gpu_check.sh bench         # side by side, tiny @480p, 1 object, full ladder
 #   bash benchmarks/gpu_check.sh profile       # profile reports: ours tiny/large (+ compiled), reference tiny
@@ -17,8 +20,8 @@ set -uo pipefail
 
 STEP="${1:-}"
 case "$STEP" in
-    correctness|bench|bench-8obj|bench-large|bench-refvos|profile) ;;
-    *) echo "usage: $0 correctness|bench|profile|bench-8obj|bench-large|bench-refvos" >&2; exit 2 ;;
+    quick|correctness|bench|bench-8obj|bench-large|bench-refvos|profile) ;;
+    *) echo "usage: $0 quick|correctness|bench|profile|bench-8obj|bench-large|bench-refvos" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -82,6 +85,22 @@ bench() {  # bench <name> <args...>: one side-by-side run with the step's time b
 }
 
 case "$STEP" in
+quick)
+    # Priority order; each part has its own hard stop so a hang cannot eat the next ones.
+    # 1. every candidate of each kernel slot at real shapes (~2.5 min with Triton compiles)
+    KB=$(( LIMIT - $(elapsed) )); KB=$(( KB > 400 ? 170 : KB / 3 ))
+    timeout -k 5 $(( KB + 20 )) "$PY" benchmarks/kernel_candidates.py --budget "$KB" --out "$WORK/kernels" \
+        2>&1 | tee "$WORK/kernel_candidates.txt"
+    echo "== kernels done after $(elapsed)s"
+    # 2. the kernels' CUDA tests
+    timeout -k 5 110 "$PY" -m pytest tests/kernels -m cuda -q -rA -p no:cacheprovider -x \
+        --junitxml="$WORK/junit_kernels_cuda.xml" 2>&1 | tail -40 | tee "$WORK/pytest_kernels_cuda.txt"
+    echo "== kernel tests done after $(elapsed)s"
+    # 3. tiny @480p: ours (bf16 eager, everything on) vs the reference bf16 eager, 1 and 8 objects
+    BUDGET=$(( LIMIT - $(elapsed) - 25 ))
+    [ "$BUDGET" -gt 30 ] && bench quick --model tiny --objects 1,8 --frames 24 "${SIZE[@]}" \
+        --ladder bf16,cuda-graphs --reference ref-eager-fp32,ref-bf16 --compile-mode default
+    ;;
 correctness)
     timeout -k 10 $(( LIMIT - $(elapsed) )) "$PY" -m pytest tests -m cuda -q -rA -p no:cacheprovider \
         --junitxml="$WORK/junit_cuda.xml" 2>&1 | tee "$WORK/pytest_cuda.txt"
