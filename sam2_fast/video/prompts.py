@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sam2_fast.image_prompts import as_finite_array, check_box_corners, check_labels
+from sam2_fast import image_prompts as IP  # the checks both predictors share
 from sam2_fast.video.state import PointPrompt, VideoSession
 
 def check_frame_idx(session: VideoSession, frame_idx: Any) -> int:
@@ -45,14 +45,14 @@ def _as_float_tensor(value: Any, what: str) -> Tensor:
     """Finite float32 numbers (checked by the image predictor's rules), kept on their device."""
     if isinstance(value, Tensor) and value.is_floating_point():
         if not torch.isfinite(value).all():
-            as_finite_array(value, what)  # raises, naming the problem
+            IP.as_finite_array(value, what)  # raises, naming the problem
         return value.float()
-    return torch.from_numpy(as_finite_array(value, what)).float()
+    return torch.from_numpy(IP.as_finite_array(value, what)).float()
 
 
 def _as_label_tensor(labels: Any) -> Tensor:
     device = labels.device if isinstance(labels, Tensor) else None
-    return torch.from_numpy(check_labels(labels, "labels")).to(device)
+    return torch.from_numpy(IP.check_labels(labels, "labels")).to(device)
 
 
 def build_point_prompt(session: VideoSession, image_size: int, points: Any, labels: Any, box: Any,
@@ -90,7 +90,7 @@ def build_point_prompt(session: VideoSession, image_size: int, points: Any, labe
         if box.numel() != 4:
             raise ValueError(f"box must hold 4 numbers (x0, y0, x1, y1), got shape {tuple(box.shape)}")
         corners = box.reshape(1, 2, 2)  # two corner "points"
-        check_box_corners(corners.detach().cpu().numpy())
+        IP.check_box_corners(corners.detach().cpu().numpy())
         corner_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=labels.device)
         points = torch.cat([corners, points.to(corners.dtype)], dim=1)
         labels = torch.cat([corner_labels, labels.to(torch.int32)], dim=1)
