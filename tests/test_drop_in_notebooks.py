@@ -118,17 +118,46 @@ def image_notebook(SAM2ImagePredictor, model, image, image2):
     return out
 
 
-def test_image_notebook_same_results(ckpt, threads):
-    image, image2 = H.two_images()
-    runs = {pkg: H.records_of(image_notebook(*H.build_image(pkg, ckpt), image, image2))
-            for pkg in ("sam2", "sam2_fast")}
-    worst = V.compare_records(runs["sam2_fast"], runs["sam2"], TOL)
-    print(f"image notebook: {len(runs['sam2'])} outputs, worst rel err {worst:.2e}")
+@pytest.fixture(scope="module")
+def images():
+    return H.two_images()
+
+
+@pytest.fixture(scope="module")
+def image_runs(ckpt, images, threads):
+    """Image notebook records of the reference (computed once) and a runner for ours."""
+    expect = H.records_of(image_notebook(*H.build_image("sam2", ckpt), *images))
+    ours = H.build_image("sam2_fast", ckpt)
+    return expect, lambda: H.records_of(image_notebook(*ours, *images))
+
+
+def test_image_notebook_same_results(image_runs):
+    expect, run_ours = image_runs
+    got = run_ours()
+    worst = V.compare_records(got, expect, TOL)
+    print(f"image notebook: {len(expect)} outputs, worst rel err {worst:.2e}")
     # the restored embedding is the first image's: the first click again, bitwise (unsorted)
-    rec = {(name, j): t for name, j, _, t in runs["sam2_fast"]}
+    rec = {(name, j): t for name, j, _, t in got}
     order = torch.argsort(rec[("restored embedding[1]", 0)], descending=True)
     assert torch.equal(rec[("restored embedding[0]", 0)][order], rec[("click[0]", 0)])
     assert not torch.equal(rec[("second image[1]", 0)], rec[("restored embedding[1]", 0)])
+
+
+def test_mutation_clamping_boxes_to_the_image_is_caught(monkeypatch, image_runs, images):
+    """A "helpful" clamp of boxes that reach past the border (what issue 9 item 1 rules
+    out) changes the notebook's outputs far beyond the tolerance."""
+    import sam2_fast.sam2_image_predictor as image_predictor
+
+    real = image_predictor.check_box
+    h, w = images[0].shape[:2]  # every box past a border lies on this image
+
+    def clamped(box):
+        return np.clip(real(box), 0.0, np.array([w, h], dtype=np.float64))
+
+    monkeypatch.setattr(image_predictor, "check_box", clamped)
+    expect, run_ours = image_runs
+    with pytest.raises(AssertionError, match="rel err"):
+        V.compare_records(run_ours(), expect, TOL)
 
 
 # ------------------------------------------------------------------------------ video
