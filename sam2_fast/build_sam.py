@@ -115,14 +115,15 @@ def build_sam2_video_predictor(
     ``vos_optimized=True`` asks for our fast runtime (bf16, compiled, static memory bank);
     it gives the same results as the eager predictor up to the dtype's rounding.
     """
-    from .sam2_video_predictor import SAM2VideoPredictor
+    from .sam2_video_predictor import SAM2VideoPredictor, SAM2VideoPredictorVOS
 
     dev = _resolve_device(device)
     post = VIDEO_POSTPROCESSING_OVERRIDES if apply_postprocessing else ()
     cfg = make_config(config_file, hydra_overrides_extra, post, _split_kwargs(kwargs))
-    predictor = _finish(SAM2VideoPredictor(cfg), ckpt_path, cfg, dev, mode)
+    cls = SAM2VideoPredictorVOS if vos_optimized else SAM2VideoPredictor
+    predictor = _finish(cls(cfg), ckpt_path, cfg, dev, mode)
     if vos_optimized:
-        predictor = _enable_fast_runtime(predictor)
+        predictor = predictor.enable_runtime_once()
     return predictor
 
 

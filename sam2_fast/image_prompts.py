@@ -1,9 +1,13 @@
-"""Checking and batching the prompts of the image predictor.
+"""Checking prompts (both predictors) and batching the prompts of the image predictor.
 
-User prompts arrive as numpy arrays / lists in original-image pixels (or normalised
-[0, 1] coordinates when ``normalize_coords=False`` ... see ``PromptChecker``). Everything
-that can be wrong with them is caught here with a message that names the problem, before
-any tensor reaches the network.
+User prompts arrive as numpy arrays / lists / tensors in original-image pixels (or
+normalised [0, 1] coordinates when ``normalize_coords=False``). What cannot be a prompt
+(NaN / inf, strings, wrong shapes, unknown labels, swapped box corners) is caught here with
+a message that names the problem, before any tensor reaches the network. The video
+predictor's prompt checks (``sam2_fast.video.prompts``) call the same functions.
+
+Coordinates outside the image are accepted, as the official package does: detector boxes
+often end a fraction past the border, and the prompt encoder takes any coordinate.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ import torch
 
 class PromptError(ValueError):
     """A point, label, box or mask prompt that cannot be used."""
+
+
+# label values SAM understands: -1 padding, 0 negative click, 1 positive click,
+# 2 / 3 box corners (top-left / bottom-right)
+VALID_LABELS = (-1, 0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -45,25 +54,70 @@ class Prompts:
         return torch.cat([self.boxes, pts[0]], dim=1), torch.cat([corner_labels, pts[1]], dim=1)
 
 
-def _as_float_array(x, name: str) -> np.ndarray:
+def as_finite_array(x, name: str) -> np.ndarray:
+    """``x`` (list, array or tensor) as float64 numbers; strings, objects, NaN and inf are
+    rejected by name. Any finite coordinate is accepted, inside the image or not."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise PromptError(f"{name} must be numeric, got {type(x).__name__}: {exc}") from exc
+        raise PromptError(f"{name} must be numbers, got {_preview(x)} ({exc})") from None
     if not np.all(np.isfinite(arr)):
         raise PromptError(f"{name} contains NaN or infinite values")
     return arr
 
 
-def check_points(point_coords, point_labels, orig_hw: Tuple[int, int], normalize_coords: bool
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-    """(B, N, 2) coords and (B, N) labels as arrays, after shape/range checks."""
+def _preview(x) -> str:
+    text = repr(x.tolist() if hasattr(x, "tolist") else x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_labels(labels, name: str = "point_labels") -> np.ndarray:
+    """Point labels as int32, after checking they are SAM labels.
+
+    Shared by the image and the video predictor. ``labels=["yes"]`` or ``[0.5]`` is named
+    here instead of failing inside ``torch.tensor`` or the prompt encoder's embedding lookup.
+    """
+    what = f"{name} must be integers (1 = foreground, 0 = background), got {_preview(labels)}"
+    try:
+        arr = as_finite_array(labels, name)
+    except PromptError:
+        raise PromptError(what) from None
+    if not np.array_equal(arr, np.round(arr)):
+        raise PromptError(what)
+    bad = sorted(set(np.unique(arr).astype(np.int64).tolist()) - set(VALID_LABELS))
+    if bad:
+        raise PromptError(f"{name} must be 1 (foreground), 0 (background), 2/3 (box corners) or "
+                          f"-1 (padding); got unknown labels {bad}")
+    return arr.astype(np.int32)
+
+
+def check_box_corners(corners: np.ndarray) -> None:
+    """Boxes as (B, 2, 2) corners [[x0, y0], [x1, y1]]: reject swapped corners.
+
+    The one box check of both predictors. SAM encodes a box as a top-left (label 2) and a
+    bottom-right (label 3) corner; with x1 < x0 or y1 < y0 the corners carry the wrong
+    labels and the mask is garbage, so it is an error (the official package takes it
+    silently). Degenerate boxes (x0 == x1) and boxes reaching outside the image are fine.
+    """
+    swapped = (corners[:, 1] < corners[:, 0]).any(axis=-1)  # (B,)
+    if swapped.any():
+        box = corners[int(np.argmax(swapped))].reshape(4).tolist()
+        raise PromptError(f"box {[round(v, 3) for v in box]} is not XYXY: need x0 <= x1 and y0 <= y1 "
+                          "(corners swapped? boxes are [x_min, y_min, x_max, y_max])")
+
+
+def check_points(point_coords, point_labels) -> Tuple[np.ndarray, np.ndarray]:
+    """(B, N, 2) coords and (B, N) int32 labels as arrays, after shape and label checks.
+
+    Coordinates may lie outside the image, as with the official predictor (a click just
+    past the border, a detector box ending at W + 0.5): the prompt encoder takes any value.
+    """
     if point_labels is None:
         raise PromptError("point_labels must be given with point_coords (1 = foreground, 0 = background)")
-    coords = _as_float_array(point_coords, "point_coords")
-    labels = _as_float_array(point_labels, "point_labels")
+    coords = as_finite_array(point_coords, "point_coords")
+    labels = check_labels(point_labels)
     if coords.ndim == 2:
         coords = coords[None]
     if labels.ndim == 1:
@@ -77,24 +131,12 @@ def check_points(point_coords, point_labels, orig_hw: Tuple[int, int], normalize
         )
     if coords.shape[1] == 0:
         raise PromptError("point_coords is empty: give at least one point, or pass None")
-    if not np.all(np.isin(labels, (-1, 0, 1, 2, 3))):
-        raise PromptError(f"point_labels must be 0 (background), 1 (foreground), 2/3 (box corners) "
-                          f"or -1 (padding), got {np.unique(labels).tolist()}")
-    real = labels >= 0  # padding points (label -1) may sit anywhere
-    h, w = orig_hw
-    limit_x, limit_y = (w, h) if normalize_coords else (1.0, 1.0)
-    xs, ys = coords[..., 0][real], coords[..., 1][real]
-    if xs.size and (xs.min() < 0 or ys.min() < 0 or xs.max() > limit_x or ys.max() > limit_y):
-        space = f"the image ({w}x{h} pixels, x in [0, {w}], y in [0, {h}])" if normalize_coords else \
-            "[0, 1] (normalize_coords=False expects coordinates already normalised)"
-        bad = coords[real][(xs < 0) | (ys < 0) | (xs > limit_x) | (ys > limit_y)][0]
-        raise PromptError(f"point ({bad[0]:g}, {bad[1]:g}) lies outside {space}")
-    return coords, labels.astype(np.int32)
+    return coords, labels
 
 
-def check_box(box, orig_hw: Tuple[int, int], normalize_coords: bool) -> np.ndarray:
-    """(B, 2, 2) box corners as an array, after shape/range checks."""
-    arr = _as_float_array(box, "box")
+def check_box(box) -> np.ndarray:
+    """(B, 2, 2) box corners as an array, after shape and corner-order checks."""
+    arr = as_finite_array(box, "box")
     if arr.ndim >= 1 and arr.shape[-1] == 4:
         arr = arr.reshape(-1, 2, 2)
     elif arr.ndim >= 2 and arr.shape[-2:] == (2, 2):
@@ -103,19 +145,13 @@ def check_box(box, orig_hw: Tuple[int, int], normalize_coords: bool) -> np.ndarr
         raise PromptError(f"box must have shape (4,), (B, 4) or (B, 2, 2) in XYXY order, got {tuple(arr.shape)}")
     if arr.shape[0] == 0:
         raise PromptError("box is empty: give at least one box, or pass None")
-    if np.any(arr[:, 1] < arr[:, 0]):
-        raise PromptError("box must be XYXY with x0 <= x1 and y0 <= y1")
-    h, w = orig_hw
-    limit = np.array([w, h] if normalize_coords else [1.0, 1.0])
-    if np.any(arr < 0) or np.any(arr > limit):
-        raise PromptError(f"box {arr.reshape(-1, 4)[0].tolist()} lies outside the image "
-                          f"({w}x{h} pixels)" if normalize_coords else "box lies outside [0, 1]")
+    check_box_corners(arr)
     return arr
 
 
 def check_mask(mask_input, low_res: int) -> np.ndarray:
     """(B, 1, low_res, low_res) mask logits as an array."""
-    arr = _as_float_array(mask_input, "mask_input")
+    arr = as_finite_array(mask_input, "mask_input")
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[1] != 1 or arr.shape[-2:] != (low_res, low_res):

@@ -4,11 +4,11 @@ Same public methods, arguments and yields as ``sam2.sam2_video_predictor.SAM2Vid
 and the same tracking semantics; the differences are what a session costs:
 
 * frames are decoded lazily (``sam2_fast.video.frames``) instead of all up front;
-* the session is a typed :class:`~sam2_fast.video.state.VideoSession` (``state["num_frames"]``
-  and the other common keys still read like the official dict);
+* the session is a typed :class:`~sam2_fast.video.state.VideoSession`, also a read-only
+  ``Mapping`` over the official ``inference_state`` keys (deep-copyable and picklable);
 * ``init_state(..., keep_outputs="reachable")`` drops per-frame outputs that forward tracking
   can no longer reach, so a long stream runs in bounded memory (off by default: reverse
-  tracking and corrections need the old outputs);
+  tracking and corrections need the old outputs; a prompt on a dropped frame warns);
 * bad input gets a clear error and leaves the session usable; hole filling works without
   a compiled extension.
 """
@@ -16,6 +16,7 @@ and the same tracking semantics; the differences are what a session costs:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Hashable, List, Optional, Tuple
 
 import torch
@@ -63,7 +64,14 @@ class SAM2VideoPredictor(SAM2Base):
     @torch.inference_mode()
     def init_state(self, video_path, offload_video_to_cpu: bool = False, offload_state_to_cpu: bool = False,
                    async_loading_frames: bool = False, *, keep_outputs: str = "all") -> VideoSession:
-        """Open a video (JPEG folder, video file, or frames array) and start a session."""
+        """Open a video (JPEG folder, video file, or frames array) and start a session.
+
+        ``keep_outputs="reachable"`` keeps only the outputs forward tracking can still reach
+        (bounded memory on long streams). A prompt on a frame whose outputs were dropped then
+        cannot correct the tracked mask: it warns (``UserWarning``) and starts a new
+        conditioning frame from the prompt alone; use the default ``"all"`` to correct
+        frames tracked long ago or to track in reverse.
+        """
         from sam2_fast.video.frames import open_frames
 
         if keep_outputs not in KEEP_OUTPUT_POLICIES:
@@ -166,6 +174,13 @@ class SAM2VideoPredictor(SAM2Base):
                     clear_old_points: bool) -> Tuple[int, List, Tensor]:
         is_new = session.slot_of(obj_id) is None
         obj = session.objects[self._obj_id_to_idx(session, obj_id)]
+        if (obj.was_dropped(frame_idx) and frame_idx not in obj.tracked
+                and frame_idx not in obj.pending[COND] and frame_idx not in obj.outputs[COND]):
+            warnings.warn(
+                f"frame {frame_idx} of object {obj_id!r} was tracked, but its outputs were dropped "
+                "(init_state(..., keep_outputs='reachable')): this prompt cannot correct the tracked "
+                "mask and starts a new conditioning frame from the prompt alone; use "
+                "keep_outputs='all' to correct frames tracked long ago", UserWarning, stacklevel=3)
         saved = (obj.points.get(frame_idx), obj.masks.get(frame_idx))
         try:
             return self._run_prompt(session, obj, frame_idx, new_points, mask_inputs, clear_old_points)
@@ -283,3 +298,26 @@ class SAM2VideoPredictor(SAM2Base):
     def _clear_non_cond_mem_around_input(self, inference_state: VideoSession, frame_idx: int) -> None:
         for obj in inference_state.objects:
             T.clear_non_cond_around(self, obj, frame_idx)
+
+
+class SAM2VideoPredictorVOS(SAM2VideoPredictor):
+    """The official name of the predictor built with ``vos_optimized=True``.
+
+    ``build_sam2_video_predictor(..., vos_optimized=True)`` returns one, with our fast
+    runtime enabled (``predictor.runtime_info`` says what). Built directly, it enables the
+    runtime at its first ``init_state``, once the model is on its final device.
+    """
+
+    def enable_runtime_once(self) -> "SAM2VideoPredictorVOS":
+        """Enable the fast runtime unless that was done (or undone on purpose) before."""
+        if not self.__dict__.get("_vos_runtime_enabled", False):
+            from sam2_fast.build_sam import _enable_fast_runtime
+
+            self.__dict__["_vos_runtime_enabled"] = True
+            _enable_fast_runtime(self)
+        return self
+
+    @torch.inference_mode()
+    def init_state(self, *args: Any, **kwargs: Any) -> VideoSession:
+        self.enable_runtime_once()
+        return super().init_state(*args, **kwargs)

@@ -214,9 +214,10 @@ def test_predict_before_set_image():
 
 @pytest.mark.parametrize("image,match", [
     (np.zeros((4, 5, 6, 3), np.uint8), "shape"),
-    (np.zeros((20, 30, 3), np.float32), "uint8"),
+    (np.full((20, 30, 3), 200.0, np.float32), r"must be in \[0, 1\]"),  # a 0..255 float image
+    (np.zeros((20, 30, 3), np.int32), "uint8 .* or float"),
     (np.zeros((20, 30, 2), np.uint8), "3 channels"),
-    ("image.png", "PIL image or an HWC uint8"),
+    ("image.png", "PIL image or an HWC uint8 / float"),
 ])
 def test_bad_images(image, match):
     _, ours = cached_pair(T21)
@@ -241,17 +242,19 @@ def test_grayscale_and_rgba_are_converted():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(point_coords=[[80, 10]], point_labels=[1]), "outside the image"),
-    (dict(point_coords=[[-1, 10]], point_labels=[1]), "outside the image"),
+    (dict(point_coords=[[float("nan"), 10]], point_labels=[1]), "NaN or infinite"),
+    (dict(point_coords=[[-np.inf, 10]], point_labels=[1]), "NaN or infinite"),
+    (dict(point_coords=[["x", 10]], point_labels=[1]), "point_coords must be numbers"),
+    (dict(point_coords=[[10, 10]], point_labels=["yes"]), r"point_labels must be integers .*\['yes'\]"),
     (dict(point_coords=[[10, 10], [20, 20]], point_labels=[1]), "one label per point"),
     (dict(point_coords=[[10, 10]]), "point_labels must be given"),
     (dict(point_coords=[[10, 10, 3]], point_labels=[1]), r"\(N, 2\)"),
     (dict(point_coords=[[10, 10]], point_labels=[5]), "point_labels must be"),
     (dict(box=[1, 2, 3]), "box must have shape"),
     (dict(box=[30, 20, 10, 40]), "x0 <= x1"),
-    (dict(box=[1, 2, 300, 40]), "outside the image"),
+    (dict(box=[1, 2, 300, np.nan]), "box contains NaN"),
     (dict(mask_input=np.ones((1, 5, 5))), "mask_input must have shape"),
-    (dict(point_coords=[[2.0, 0.5]], point_labels=[1], normalize_coords=False), r"\[0, 1\]"),
+    (dict(point_coords=[[0.5, 0.5]], point_labels=[1.5], normalize_coords=False), "must be integers"),
 ])
 def test_bad_prompts(predictor, kwargs, match):
     with pytest.raises(PromptError, match=match):
@@ -259,3 +262,16 @@ def test_bad_prompts(predictor, kwargs, match):
     # the predictor stays usable after the error
     masks, _, _ = predictor.predict(point_coords=[[10, 10]], point_labels=[1])
     assert masks.shape[-2:] == (50, 70)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(point_coords=[[80, 10]], point_labels=[1]),
+    dict(point_coords=[[-1, 10]], point_labels=[1]),
+    dict(box=[1, 2, 300, 40]),
+    dict(point_coords=[[2.0, 0.5]], point_labels=[1], normalize_coords=False),
+])
+def test_prompts_outside_the_image_are_accepted(predictor, kwargs):
+    """Issue 9: these were rejected; the official predictor takes them (values compared
+    with it in test_drop_in.py)."""
+    masks, scores, _ = predictor.predict(**kwargs)
+    assert masks.shape == (3, 50, 70) and np.isfinite(scores).all()

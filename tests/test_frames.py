@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -328,18 +329,42 @@ def test_bad_video_files(tmp_path):
         open_frames(str(img), 16)
 
 
-def test_truncated_video_fails_on_the_missing_frames(tmp_path, small_mp4):
+def test_truncated_video_reports_the_decodable_frames(tmp_path, small_mp4):
+    """Issue 9 item 8. Index at the end (PyAV's default): a cut file loses it, a clear error
+    at open. Index first (faststart, as streamed files): the cut file opens, the partial
+    last packet and the frames waiting on it are dropped from ``len`` with a warning, and
+    every frame left decodes to the full file's frame."""
     data = open(small_mp4, "rb").read()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    try:
-        src = open_frames(str(cut), 16, prefetch=0)
-    except FrameSourceError:
-        return  # the container index itself was lost: a clear error at open is fine
-    with src:
-        with pytest.raises(FrameSourceError):
-            for i in range(len(src)):
-                src[i]
+    with pytest.raises(FrameSourceError, match="cannot open video"):
+        open_frames(str(cut), 16, prefetch=0)
+
+    fast = str(tmp_path / "fast.mp4")
+    with av.open(small_mp4) as src, av.open(fast, "w", options={"movflags": "faststart"}) as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    full = _decode_all(fast)
+    assert len(full) == 40
+    data = open(fast, "rb").read()
+    for frac in (0.45, 0.8):
+        cut.write_bytes(data[: int(len(data) * frac)])
+        with pytest.warns(UserWarning, match="frames are indexed but only the first"):
+            src = open_frames(str(cut), 16, prefetch=2)
+        with src:
+            n = len(src)
+            assert 0 < n < 40 and src._decoder.dropped_tail > 0
+            for i in list(range(n - 1, -1, -1)) + [n - 1, 0]:
+                assert torch.equal(src[i], _expected(full[i], 16)), (frac, i)
+            with pytest.raises(FrameIndexError):
+                src[n]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the complete faststart file: nothing trimmed, no warning
+        with open_frames(fast, 16, prefetch=0) as src:
+            assert len(src) == 40 and src._decoder.dropped_tail == 0
 
 
 @pytest.mark.cuda

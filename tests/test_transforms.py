@@ -88,8 +88,27 @@ def test_grayscale_and_rgba_are_converted(refs):
     assert torch.equal(ours(torch.from_numpy(rgb)), refs(24)(rgb))  # HWC uint8 tensor
 
 
+def test_float_images_in_unit_range_match_uint8(refs):
+    """Issue 9 item 3: a float HWC image in [0, 1] is the uint8 image / 255, bitwise, as the
+    reference's ToTensor takes it (float32 and float64, numpy and torch, grayscale too)."""
+    rng = np.random.default_rng(4)
+    rgb = _img(rng, 31, 45)
+    want = refs(32)(rgb)
+    ours = ImageTransforms(32)
+    as32 = rgb.astype(np.float32) / 255
+    for image in (as32, rgb / 255.0, torch.from_numpy(as32)):
+        assert torch.equal(ours(image), want)
+    assert torch.equal(refs(32)(as32), want)  # the reference agrees on the float input
+    assert torch.equal(ours(rgb[..., 0] / 255.0), ours(rgb[..., 0]))
+    batch = ours.forward_batch([as32, rgb])
+    assert torch.equal(batch[0], batch[1])
+
+
 @pytest.mark.parametrize("bad, match", [
-    (np.zeros((8, 8, 3), np.float32), "uint8"),
+    (np.full((8, 8, 3), 255.0, np.float32), r"float images must be in \[0, 1\].*divide by 255"),
+    (np.full((8, 8, 3), -0.5, np.float64), r"values span \[-0.5, -0.5\]"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.zeros((8, 8, 3), np.int64), "uint8 .* or float"),
     (np.zeros((1, 8, 8, 3), np.uint8), "shape"),
     (np.zeros((8, 8, 2), np.uint8), "3 channels"),
     (np.zeros((0, 8, 3), np.uint8), "empty"),

@@ -132,8 +132,12 @@ def test_points_without_labels(predictor, state):
         predictor.add_new_points_or_box(state, 0, 1, labels=[1])
     with pytest.raises(ValueError, match="one label per point"):
         predictor.add_new_points_or_box(state, 0, 1, points=[[10, 12], [3, 4]], labels=[1])
-    with pytest.raises(ValueError, match="unknown point labels"):
+    with pytest.raises(ValueError, match=r"unknown labels \[5\]"):
         predictor.add_new_points_or_box(state, 0, 1, points=[[10, 12]], labels=[5])
+    with pytest.raises(ValueError, match=r"labels must be integers .*\['yes'\]"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[[10, 12]], labels=["yes"])
+    with pytest.raises(ValueError, match="labels must be integers"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[[10, 12]], labels=[0.5])
     assert state["obj_ids"] == []
     _still_usable(predictor, state)
 
@@ -153,17 +157,24 @@ def test_empty_prompt(predictor, state):
     _still_usable(predictor, state)
 
 
-def test_points_outside_the_frame(predictor, state):
+def test_points_outside_the_frame_are_accepted_nan_and_swapped_boxes_are_not(predictor, state):
+    """Issue 9: clicks and box corners past the border are prompts (as in the official
+    predictor; parity in test_drop_in.py); what cannot be a coordinate is rejected."""
     w, h = state["video_width"], state["video_height"]
-    with pytest.raises(ValueError, match="outside the"):
-        predictor.add_new_points_or_box(state, 0, 1, points=[[w + 5, 3]], labels=[1])
-    with pytest.raises(ValueError, match="outside the"):
-        predictor.add_new_points_or_box(state, 0, 1, points=[[4, -1]], labels=[0])
-    with pytest.raises(ValueError, match="outside the"):
-        predictor.add_new_points_or_box(state, 0, 1, box=[0, 0, w, h + 10])
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        predictor.add_new_points_or_box(state, 0, 1, points=[[0.5, 1.5]], labels=[1], normalize_coords=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[[float("nan"), 3]], labels=[1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predictor.add_new_points_or_box(state, 0, 1, box=[0, 0, float("inf"), h])
+    with pytest.raises(ValueError, match="x0 <= x1 and y0 <= y1"):
+        predictor.add_new_points_or_box(state, 0, 1, box=[w, 0, 0, h])
+    with pytest.raises(ValueError, match="must be numbers"):
+        predictor.add_new_points_or_box(state, 0, 1, points=[["left", 3]], labels=[1])
     assert state["obj_ids"] == []
+    _, ids, masks = predictor.add_new_points_or_box(state, 0, 1, points=[[w + 5, 3], [4, -1]], labels=[1, 0])
+    _, ids, masks = predictor.add_new_points_or_box(state, 0, 2, box=[-0.5, 0, w + 0.5, h + 10])
+    _, ids, masks = predictor.add_new_points_or_box(state, 0, 3, points=[[0.5, 1.5]], labels=[1],
+                                                    normalize_coords=False)
+    assert ids == [1, 2, 3] and masks.shape == (3, 1, h, w)
     _still_usable(predictor, state)
 
 

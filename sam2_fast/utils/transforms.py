@@ -3,13 +3,18 @@
 Numerics follow the reference's ``SAM2Transforms`` step for step (it chains torchvision's
 ``ToTensor``, tensor ``Resize`` and ``Normalize``):
 
-1. uint8 HWC -> float32 CHW, ``/ 255`` (a float32 division, as ``ToTensor`` does);
+1. uint8 HWC -> float32 CHW, ``/ 255`` (a float32 division, as ``ToTensor`` does); a float
+   HWC image is taken as already in [0, 1] (``ToTensor`` passes floats through), so
+   ``u8 / 255`` as float32 or float64 gives bitwise the uint8 result;
 2. ``F.interpolate(..., (S, S), mode="bilinear", align_corners=False, antialias=True)``:
    exactly the call torchvision's tensor ``Resize`` makes (its default antialias is True);
 3. ``(x - mean) / std`` per channel in float32.
 
 Inputs the reference rejects or mangles are converted instead: grayscale is replicated to
-RGB and alpha is dropped (PIL images of any mode go through ``convert("RGB")``).
+RGB and alpha is dropped (PIL images of any mode go through ``convert("RGB")``), float64 and
+float16 images are cast to float32 (the reference's float64 tensor fails in the network).
+Float values outside [0, 1] are rejected: the reference would embed a 0..255 float image
+as if it were 255 times brighter than white.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "SAM2Transforms",
     "image_hw",
     "image_to_uint8_chw",
+    "image_to_unit_chw",
     "image_to_tensor",
     "transform_coords",
     "transform_boxes",
@@ -57,6 +63,28 @@ def check_hwc_uint8(shape: tuple[int, ...], dtype: Any, what: str = "image",
         raise error(f"{what} is empty (shape {shape})")
 
 
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_hwc_image(shape: tuple[int, ...], dtype: Any, what: str = "image") -> None:
+    """An image for the image predictor: HWC uint8 (0..255) or float (0.0..1.0)."""
+    name = str(dtype).replace("torch.", "")
+    if name not in _FLOAT_DTYPES + ("uint8",):
+        raise ValueError(f"{what} has dtype {name}; it must be uint8 (0..255) or float (0.0..1.0)")
+    check_hwc_uint8(shape, "uint8", what)  # the layout rules are the same for both
+
+
+def _check_unit_range(x: torch.Tensor, what: str = "image") -> None:
+    """Float pixels must be finite and in [0, 1] (one min/max pass)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        hint = " (a 0..255 image: divide by 255 or pass uint8)" if hi > 1.0 else ""
+        raise ValueError(f"float {what} values span [{lo:g}, {hi:g}]; float images must be in "
+                         f"[0, 1]{hint}")
+
+
 def image_hw(image: Any) -> tuple[int, int]:
     """(H, W) of a PIL image or an HWC array / tensor."""
     if isinstance(image, Image.Image):
@@ -67,28 +95,54 @@ def image_hw(image: Any) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def image_to_uint8_chw(image: Any) -> torch.Tensor:
-    """PIL image, HWC uint8 numpy array or HWC uint8 torch tensor -> (3, H, W) uint8 tensor
-    (on the tensor's device for torch input, else CPU)."""
+def _hwc_tensor(image: Any) -> torch.Tensor:
+    """PIL image or HWC numpy / torch image -> HWC tensor (uint8 or float), layout checked."""
     if isinstance(image, Image.Image):
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8))
     if isinstance(image, np.ndarray):
-        check_hwc_uint8(tuple(image.shape), image.dtype)
-        t = torch.from_numpy(np.ascontiguousarray(image))
-    elif isinstance(image, torch.Tensor):
-        check_hwc_uint8(tuple(image.shape), image.dtype)
-        t = image
-    else:
-        raise ValueError(
-            f"image must be a PIL image or an HWC uint8 numpy array / tensor, got "
-            f"{type(image).__name__}"
-        )
+        check_hwc_image(tuple(image.shape), image.dtype)
+        return torch.from_numpy(np.ascontiguousarray(image))
+    if isinstance(image, torch.Tensor):
+        check_hwc_image(tuple(image.shape), image.dtype)
+        return image.detach()
+    raise ValueError(
+        f"image must be a PIL image or an HWC uint8 / float numpy array or tensor, got "
+        f"{type(image).__name__}"
+    )
+
+
+def _to_rgb_chw(t: torch.Tensor) -> torch.Tensor:
+    """(H, W[, 1|3|4]) -> (3, H, W) view: grayscale replicated, alpha dropped."""
     if t.dim() == 2:
         t = t[:, :, None]
     if t.shape[2] == 1:
-        t = t.expand(-1, -1, 3)  # grayscale -> RGB
-    return t[:, :, :3].permute(2, 0, 1)  # RGBA -> RGB, (3, H, W)
+        t = t.expand(-1, -1, 3)
+    return t[:, :, :3].permute(2, 0, 1)
+
+
+def image_to_uint8_chw(image: Any) -> torch.Tensor:
+    """PIL image, HWC uint8 numpy array or HWC uint8 torch tensor -> (3, H, W) uint8 tensor
+    (on the tensor's device for torch input, else CPU)."""
+    t = _hwc_tensor(image)
+    if t.dtype != torch.uint8:
+        raise ValueError(f"image has dtype {str(t.dtype).replace('torch.', '')}; expected uint8 here")
+    return _to_rgb_chw(t)
+
+
+def image_to_unit_chw(image: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """Any accepted image -> (3, H, W) float32 in [0, 1] (on ``device``, else where it is).
+
+    uint8 is divided by 255 in float32 (after the upload: 4x less traffic than floats);
+    float input is checked to lie in [0, 1] and cast to float32.
+    """
+    t = _to_rgb_chw(_hwc_tensor(image))
+    if device is not None:
+        t = t.to(device, non_blocking=True)
+    if t.dtype == torch.uint8:
+        return t.contiguous().to(torch.float32).div(255)
+    _check_unit_range(t)
+    return t.contiguous().to(torch.float32)
 
 
 def image_to_tensor(image: Any, resolution: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -96,14 +150,12 @@ def image_to_tensor(image: Any, resolution: int, mean: Sequence[float] = IMAGENE
                     device: torch.device | str | None = None) -> torch.Tensor:
     """One image -> normalised (3, S, S) float32 model input.
 
-    ``device=None`` computes where the pixels are (CPU for PIL / numpy): bitwise the
-    reference. A CUDA device uploads the uint8 pixels first (4x less traffic); GPU
-    interpolation rounds differently, within ~1e-6.
+    uint8 pixels mean 0..255, float pixels 0.0..1.0 (``u8 / 255`` gives bitwise the uint8
+    result). ``device=None`` computes where the pixels are (CPU for PIL / numpy): bitwise
+    the reference. A CUDA device uploads the pixels first; GPU interpolation rounds
+    differently, within ~1e-6.
     """
-    u8 = image_to_uint8_chw(image)
-    if device is not None:
-        u8 = u8.to(device, non_blocking=True)
-    x = u8.contiguous().to(torch.float32).div(255)  # (3, H, W)
+    x = image_to_unit_chw(image, device)  # (3, H, W)
     x = F.interpolate(x[None], size=(resolution, resolution), mode="bilinear",
                       align_corners=False, antialias=True)[0]  # (3, S, S)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]

@@ -127,14 +127,21 @@ def open_frames(video_path: Any, image_size: int, device: torch.device | str = "
     target = torch.device("cpu") if offload_video_to_cpu else torch.device(device)
     decoder = open_decoder(video_path)
     try:
+        src: FrameSource
         if preload_all:
-            return PreloadedFrames(decoder, int(image_size), target, img_mean, img_std,
-                                   async_loading=async_loading)
-        return LazyFrames(decoder, int(image_size), target, img_mean, img_std, prefetch=prefetch,
-                          cache_size=cache_size, workers=workers or _default_workers())
+            src = PreloadedFrames(decoder, int(image_size), target, img_mean, img_std,
+                                  async_loading=async_loading)
+        else:
+            src = LazyFrames(decoder, int(image_size), target, img_mean, img_std, prefetch=prefetch,
+                             cache_size=cache_size, workers=workers or _default_workers())
     except BaseException:
         decoder.close()
         raise
+    src.recipe = dict(video_path=video_path, image_size=int(image_size), device=device,
+                      offload_video_to_cpu=offload_video_to_cpu, async_loading=async_loading,
+                      preload_all=preload_all, prefetch=prefetch, cache_size=cache_size,
+                      workers=workers, img_mean=tuple(img_mean), img_std=tuple(img_std))
+    return src
 
 
 def load_video_frames(video_path: Any, image_size: int, offload_video_to_cpu: bool,

@@ -51,6 +51,9 @@ class FrameSource:
     video_height: int
     video_width: int
     device: torch.device
+    # how ``open_frames`` made this source: pickling / deep-copying a source reopens it from
+    # this recipe (threads, locks and the decoder cannot be copied; the video can be reread)
+    recipe: dict[str, Any] | None = None
 
     def __init__(self, decoder: Decoder, image_size: int, device: torch.device,
                  mean: Sequence[float], std: Sequence[float]) -> None:
@@ -150,6 +153,12 @@ class FrameSource:
     def _release(self) -> None:
         pass
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.recipe is None:
+            raise TypeError(f"{type(self).__name__} was not made by open_frames, so it cannot be "
+                            "pickled or copied (nothing says how to reopen it)")
+        return (_reopen, (self.recipe,))
+
     def __enter__(self) -> "FrameSource":
         return self
 
@@ -165,3 +174,10 @@ class FrameSource:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} frames, {self.video_width}x"
                 f"{self.video_height} -> {self.image_size}x{self.image_size}, {self.device})")
+
+
+def _reopen(recipe: dict[str, Any]) -> FrameSource:
+    """Unpickling / deep copy of a frame source: open the same video again."""
+    from sam2_fast.video.frames import open_frames
+
+    return open_frames(**recipe)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import bisect
 import io
 import os
-from typing import Any, Iterator, Sequence
+import warnings
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -171,11 +172,18 @@ class VideoFileDecoder(Decoder):
     timestamps, sorted: frame ``i`` is the frame whose pts is the ``i``-th smallest. Random
     access seeks to the last keyframe at or before the target and decodes forward; a request
     for a later frame in the same GOP (or just ahead) continues the running decoder instead.
+
+    A cut file (an interrupted download or recording) can index more packets than decode:
+    the last packet is partial and the frames that reference it are lost. When the last
+    packet reaches the end of the data (as in a cut file; a complete file usually ends with
+    its index), the last GOP is decoded once on open and ``num_frames`` becomes the count
+    that decodes, with a warning (``dropped_tail`` says how many were cut).
     """
 
     def __init__(self, source: str | bytes, label: str) -> None:
         av = _av()
         self.label = label
+        self._source_size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
         try:
             self._container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         except Exception as e:
@@ -200,6 +208,9 @@ class VideoFileDecoder(Decoder):
             self._container.close()
             raise FrameSourceError(f"cannot decode the first frame of video {label}{why}")
         self.width, self.height = first[1].width, first[1].height
+        self.dropped_tail = 0
+        if self._may_be_cut:
+            self._trim_undecodable_tail()
         self._first = first[1]
 
     def _index_packets(self) -> None:
@@ -209,9 +220,15 @@ class VideoFileDecoder(Decoder):
         self._stream.thread_type = "AUTO"  # frame + slice threads; the output is unchanged
         pts: list[int] = []
         key_pts: list[int] = []
+        data_end: Optional[int] = 0  # end offset of the last packet's bytes (None: unknown)
         for packet in self._container.demux(self._stream):
             if packet.size == 0 or packet.is_discard:
                 continue  # end-of-stream flush; priming frames an edit list cuts (never shown)
+            pos = packet.pos
+            if pos is None or pos < 0:
+                data_end = None
+            elif data_end is not None:
+                data_end = max(data_end, pos + packet.size)
             if packet.pts is None:
                 raise FrameSourceError(
                     f"video {self.label} has packets without timestamps; re-mux it (e.g. to .mp4)"
@@ -230,6 +247,30 @@ class VideoFileDecoder(Decoder):
         keys = sorted({self._index_of[p] for p in key_pts} | {0})
         self._keys = keys
         self.num_frames = len(pts)
+        self._may_be_cut = data_end is None or data_end >= self._source_size
+
+    def _trim_undecodable_tail(self) -> None:
+        """Decode from the last keyframe(s) to the end; drop the frames that never come out."""
+        n = self.num_frames
+        last = -1
+        for key in reversed(self._keys):
+            try:
+                for i, _ in self._decode_from(key):
+                    last = max(last, i)
+            except Exception:  # the cut packet: frames after it (and waiting on it) are lost
+                pass
+            if last >= 0:
+                break
+        self._frames, self._pos = None, -1  # the next walk starts with a fresh seek
+        m = last + 1
+        if m <= 0 or m >= n:
+            return
+        self._pts = self._pts[:m]
+        self._index_of = {p: i for i, p in enumerate(self._pts)}
+        self._keys = [k for k in self._keys if k < m]
+        self.num_frames, self.dropped_tail = m, n - m
+        warnings.warn(f"video {self.label}: {n} frames are indexed but only the first {m} decode "
+                      f"(a truncated file?); using {m} frames", stacklevel=2)
 
     def _keyframe_at_or_before(self, idx: int) -> int:
         return self._keys[bisect.bisect_right(self._keys, idx) - 1]

@@ -1,7 +1,9 @@
 """Checking and converting user prompts (clicks, boxes, masks) before they touch the session.
 
 Everything is validated before the session is modified, so a rejected prompt leaves the
-session exactly as it was.
+session exactly as it was. Numbers, labels and box corners go through the same checks as
+the image predictor's (``sam2_fast.image_prompts``); coordinates outside the frame are
+accepted, as the official predictor does.
 """
 
 from __future__ import annotations
@@ -13,12 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sam2_fast import image_prompts as IP  # the checks both predictors share
 from sam2_fast.video.state import PointPrompt, VideoSession
-
-# label values SAM understands: -1 padding, 0 negative click, 1 positive click,
-# 2 / 3 box corners (top-left / bottom-right)
-_VALID_LABELS = (-1, 0, 1, 2, 3)
-
 
 def check_frame_idx(session: VideoSession, frame_idx: Any) -> int:
     if isinstance(frame_idx, bool) or not isinstance(frame_idx, numbers.Integral):
@@ -44,12 +42,17 @@ def check_obj_id(obj_id: Any) -> Hashable:
 
 
 def _as_float_tensor(value: Any, what: str) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    try:
-        return torch.tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{what} must be numbers, got {value!r}: {err}") from None
+    """Finite float32 numbers (checked by the image predictor's rules), kept on their device."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        if not torch.isfinite(value).all():
+            IP.as_finite_array(value, what)  # raises, naming the problem
+        return value.float()
+    return torch.from_numpy(IP.as_finite_array(value, what)).float()
+
+
+def _as_label_tensor(labels: Any) -> Tensor:
+    device = labels.device if isinstance(labels, Tensor) else None
+    return torch.from_numpy(IP.check_labels(labels, "labels")).to(device)
 
 
 def build_point_prompt(session: VideoSession, image_size: int, points: Any, labels: Any, box: Any,
@@ -66,7 +69,7 @@ def build_point_prompt(session: VideoSession, image_size: int, points: Any, labe
         labels = torch.zeros(0, dtype=torch.int32)
     else:
         points = _as_float_tensor(points, "points")
-        labels = labels if isinstance(labels, Tensor) else torch.tensor(labels, dtype=torch.int32)
+        labels = _as_label_tensor(labels)
     if points.dim() == 2:
         points = points.unsqueeze(0)  # (1, P, 2)
     if labels.dim() == 1:
@@ -78,14 +81,6 @@ def build_point_prompt(session: VideoSession, image_size: int, points: Any, labe
                          f"{tuple(labels.shape)}")
     if box is None and points.shape[1] == 0:
         raise ValueError("empty prompt: points and labels hold no entries and no box was given")
-    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
-        raise ValueError(f"labels must be integers (1 positive, 0 negative), got {labels.tolist()}")
-    bad = sorted({int(v) for v in labels.flatten().tolist()} - set(_VALID_LABELS))
-    if bad:
-        raise ValueError(f"unknown point labels {bad}; use 1 (positive), 0 (negative) or -1 (padding)")
-    if not torch.isfinite(points).all():
-        raise ValueError("points contain NaN or infinite coordinates")
-    labels = labels.to(torch.int32)
 
     if box is not None:
         if not clear_old_points:
@@ -94,14 +89,12 @@ def build_point_prompt(session: VideoSession, image_size: int, points: Any, labe
         box = _as_float_tensor(box, "box").to(points.device)
         if box.numel() != 4:
             raise ValueError(f"box must hold 4 numbers (x0, y0, x1, y1), got shape {tuple(box.shape)}")
-        if not torch.isfinite(box).all():
-            raise ValueError("box contains NaN or infinite coordinates")
         corners = box.reshape(1, 2, 2)  # two corner "points"
+        IP.check_box_corners(corners.detach().cpu().numpy())
         corner_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=labels.device)
         points = torch.cat([corners, points.to(corners.dtype)], dim=1)
-        labels = torch.cat([corner_labels, labels], dim=1)
+        labels = torch.cat([corner_labels, labels.to(torch.int32)], dim=1)
 
-    _check_inside(points, labels, session, normalize_coords)
     if normalize_coords:
         frame_wh = torch.tensor([session.video_width, session.video_height])
         points = points / frame_wh.to(points.device)
@@ -109,27 +102,11 @@ def build_point_prompt(session: VideoSession, image_size: int, points: Any, labe
     return {"point_coords": points.to(session.device), "point_labels": labels.to(session.device)}
 
 
-def _check_inside(points: Tensor, labels: Tensor, session: VideoSession, normalize_coords: bool) -> None:
-    """Clicks and box corners must lie on the frame (padding points, label -1, may not)."""
-    limit = (torch.tensor([session.video_width, session.video_height], dtype=points.dtype)
-             if normalize_coords else torch.ones(2, dtype=points.dtype)).to(points.device)
-    real = points[labels >= 0]  # (P', 2)
-    outside = ((real < 0) | (real > limit)).any(dim=-1)
-    if outside.any():
-        x, y = real[outside][0].tolist()
-        where = (f"the {session.video_width}x{session.video_height} video frame" if normalize_coords
-                 else "[0, 1] (normalize_coords=False expects normalised coordinates)")
-        raise ValueError(f"point ({x:g}, {y:g}) lies outside {where}")
-
-
 def append_points(old: Optional[PointPrompt], new: PointPrompt) -> PointPrompt:
     """New clicks go after the earlier ones of the same frame."""
-    if old is None:
-        return new
-    return {
-        "point_coords": torch.cat([old["point_coords"], new["point_coords"]], dim=1),
-        "point_labels": torch.cat([old["point_labels"], new["point_labels"]], dim=1),
-    }
+    from sam2_fast.utils.misc import concat_points
+
+    return concat_points(old, new["point_coords"], new["point_labels"])
 
 
 def build_mask_prompt(session: VideoSession, image_size: int, mask: Any) -> Tensor:

@@ -130,8 +130,21 @@ def drop_unreachable(model, session: VideoSession, frame_idx: int) -> None:
         stale = [t for t in table if t < horizon]
         for t in stale:
             del table[t]
-        for t in [t for t in obj.tracked if t < horizon and t not in obj.outputs[COND]]:
+        forgotten = [t for t in obj.tracked if t < horizon and t not in obj.outputs[COND]]
+        for t in forgotten:
             del obj.tracked[t]
+        if forgotten:
+            obj.mark_dropped(forgotten)  # a later prompt there is warned about
+
+
+def _check_objects_kept(session: VideoSession, objects: List[ObjectTrack]) -> None:
+    """Objects may be added while a propagation loop runs, not removed."""
+    live = session.objects
+    if len(live) < len(objects) or any(a is not b for a, b in zip(live, objects)):
+        gone = [o.obj_id for o in objects if not any(o is x for x in live)]
+        raise RuntimeError(
+            f"object(s) {gone} were removed (remove_object / reset_state) while propagate_in_video was "
+            "running, so this loop stopped; call propagate_in_video again to track the remaining objects")
 
 
 def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = None,
@@ -147,13 +160,17 @@ def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = Non
         if max_frame_num_to_track < 0:
             raise ValueError(f"max_frame_num_to_track must be >= 0, got {max_frame_num_to_track}")
     preflight(model, session)
+    # the objects of this call: one added while the loop runs joins from the next call, as
+    # with the official predictor (its prompts wait in ``pending`` until the next preflight)
+    objects = list(session.objects)
     obj_ids = session.obj_ids
     order = frame_order(session, start_frame_idx, max_frame_num_to_track, reverse)
     prune = session.keep_outputs == "reachable" and not reverse
     clear = _clears_around_input(model, session)
     for frame_idx in tqdm(order, desc="propagate in video", disable=not progress):
+        _check_objects_kept(session, objects)
         per_obj: List[Tensor] = []
-        for obj in session.objects:
+        for obj in objects:
             prompted = obj.outputs[COND].get(frame_idx)
             if prompted is not None:
                 # prompted frames already hold their final output (objects may differ in

@@ -2,9 +2,15 @@
 
 The official predictor keeps a session in one dict of dicts keyed by strings, where every
 per-object table is indexed by a model-side object slot. Here a session is a
-:class:`VideoSession` holding one :class:`ObjectTrack` per object, in slot order. Users who
-poke at the official dict keep working for the common keys through ``session["..."]``
-(read-only views built on demand; nested tables are the live ones).
+:class:`VideoSession` holding one :class:`ObjectTrack` per object, in slot order.
+
+Code written for the official dict keeps working: a session is a read-only ``Mapping``
+over the official keys (``len``, ``keys()``, ``items()``, iteration, ``in``, ``get``).
+Values are built on demand: the per-slot tables are fresh dicts around the live per-object
+tables, and ``session["images"]`` is a :class:`~sam2_fast.video.frames_view.FramesView`
+(``.shape`` (N, 3, S, S), ``[t]``, slices) that decodes only the frames asked for. Writing
+a key raises ``TypeError``: the predictor's methods change a session. A session can be
+deep-copied and pickled; its frame source is reopened from the same video on load.
 
 Per-frame outputs stay plain dicts (:class:`FrameOutput`) because ``SAM2Base.track_step``
 reads memories from ``{"cond_frame_outputs": {t: out}, "non_cond_frame_outputs": {t: out}}``.
@@ -12,6 +18,7 @@ reads memories from ``{"cond_frame_outputs": {t: out}, "non_cond_frame_outputs":
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Hashable, Iterator, List, Optional, Tuple, TypedDict
 
@@ -58,6 +65,8 @@ class ObjectTrack:
     pending: Dict[str, Dict[int, FrameOutput]] = field(default_factory=empty_output_dict)
     # frame -> {"reverse": bool}: frames this object has been tracked on, and in which direction
     tracked: Dict[int, Dict[str, bool]] = field(default_factory=dict)
+    # keep_outputs="reachable": [start, stop) runs of tracked frames whose outputs were dropped
+    dropped: List[List[int]] = field(default_factory=list)
 
     def clear(self) -> None:
         self.points.clear()
@@ -66,6 +75,22 @@ class ObjectTrack:
             table[COND].clear()
             table[NON_COND].clear()
         self.tracked.clear()
+        self.dropped.clear()
+
+    def mark_dropped(self, frames: List[int]) -> None:
+        """Remember frames whose tracked outputs were dropped, as merged [start, stop) runs
+        (tracking drops contiguous frames, so a long stream keeps a handful of runs)."""
+        runs = sorted(self.dropped + [[t, t + 1] for t in frames])
+        merged: List[List[int]] = []
+        for lo, hi in runs:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.dropped[:] = merged
+
+    def was_dropped(self, frame_idx: int) -> bool:
+        return any(lo <= frame_idx < hi for lo, hi in self.dropped)
 
     def latest_output(self, frame_idx: int, prefer: str = COND) -> Optional[FrameOutput]:
         """The most recent output on a frame: pending first, then conditioning, then not."""
@@ -77,9 +102,12 @@ class ObjectTrack:
         return out
 
 
-@dataclass
-class VideoSession:
-    """One video being segmented: its frames, its objects and their per-frame outputs."""
+@dataclass(eq=False)
+class VideoSession(Mapping):
+    """One video being segmented: its frames, its objects and their per-frame outputs.
+
+    Also the official ``inference_state`` dict, read-only (see the module docstring).
+    """
 
     images: Any  # frame source: len(), [idx] -> (3, S, S) float32 normalised tensor
     num_frames: int
@@ -121,27 +149,27 @@ class VideoSession:
     def _constants(self) -> Dict[str, Any]:
         return {} if self.maskmem_pos_enc is None else {"maskmem_pos_enc": self.maskmem_pos_enc}
 
-    # official key -> how to read it from this session (only the asked key is built)
+    # official key -> how to read it from this session (only the asked key is built);
+    # in the official dict's order
     _KEYS: ClassVar[Dict[str, Callable[["VideoSession"], Any]]] = {
-        "images": lambda s: s.images,
+        "images": lambda s: _frames_view(s.images),
         "num_frames": lambda s: s.num_frames,
+        "offload_video_to_cpu": lambda s: s.offload_video_to_cpu,
+        "offload_state_to_cpu": lambda s: s.offload_state_to_cpu,
         "video_height": lambda s: s.video_height,
         "video_width": lambda s: s.video_width,
         "device": lambda s: s.device,
         "storage_device": lambda s: s.storage_device,
-        "offload_video_to_cpu": lambda s: s.offload_video_to_cpu,
-        "offload_state_to_cpu": lambda s: s.offload_state_to_cpu,
-        "keep_outputs": lambda s: s.keep_outputs,
-        "obj_ids": lambda s: s.obj_ids,
-        "obj_id_to_idx": lambda s: {o.obj_id: i for i, o in enumerate(s.objects)},
-        "obj_idx_to_id": lambda s: {i: o.obj_id for i, o in enumerate(s.objects)},
         "point_inputs_per_obj": lambda s: s._per_slot("points"),
         "mask_inputs_per_obj": lambda s: s._per_slot("masks"),
+        "cached_features": lambda s: s._cached_features(),
+        "constants": lambda s: s._constants(),
+        "obj_id_to_idx": lambda s: {o.obj_id: i for i, o in enumerate(s.objects)},
+        "obj_idx_to_id": lambda s: {i: o.obj_id for i, o in enumerate(s.objects)},
+        "obj_ids": lambda s: s.obj_ids,
         "output_dict_per_obj": lambda s: s._per_slot("outputs"),
         "temp_output_dict_per_obj": lambda s: s._per_slot("pending"),
         "frames_tracked_per_obj": lambda s: s._per_slot("tracked"),
-        "cached_features": lambda s: s._cached_features(),
-        "constants": lambda s: s._constants(),
     }
 
     def __getitem__(self, key: str) -> Any:
@@ -150,14 +178,27 @@ class VideoSession:
             raise KeyError(f"inference_state has no key {key!r}; readable keys: {', '.join(sorted(self._KEYS))}")
         return read(self)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
     def __contains__(self, key: object) -> bool:
         return key in self._KEYS
 
-    def keys(self) -> List[str]:
-        return list(self._KEYS)
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError(f"inference_state is read-only in sam2_fast (cannot set {key!r}): change a session "
+                        "with the predictor's methods (add_new_points_or_box, add_new_mask, remove_object, "
+                        "clear_all_prompts_in_frame, reset_state)")
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self._KEYS else default
+    def __delitem__(self, key: str) -> None:
+        self.__setitem__(key, None)
+
+    # a session is an object, not a value: identity comparison and hashing (the Mapping
+    # mixin would compare every key, frames included)
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     # ------------------------------------------------------------------ accounting
     def iter_tensors(self) -> Iterator[Tensor]:
@@ -190,6 +231,12 @@ class VideoSession:
             seen.add(key)
             total += storage.nbytes()
         return total
+
+
+def _frames_view(source: Any) -> Any:
+    from sam2_fast.video.frames_view import FramesView
+
+    return source if isinstance(source, Tensor) else FramesView(source)
 
 
 def _tensors_in(obj: Any) -> Iterator[Tensor]:
