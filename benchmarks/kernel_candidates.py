@@ -157,12 +157,12 @@ def memory_cross(batch: int, quick: bool) -> None:
     for name, be in SDPA_BACKENDS.items():
         def run(be=be):
             with sdpa_kernel(be):
-                return F.scaled_dot_product_attention(q, k, v256)
+                return sdpa4(q, k, v256)
         row("mem-cross-256", case, name, (run), ref_flops, ref_flops, g256)
     for name, be in SDPA_BACKENDS.items():
         def run(be=be):
             with sdpa_kernel(be):
-                return F.scaled_dot_product_attention(q, k, v64)
+                return sdpa4(q, k, v64)
         row("mem-cross-64", case, name, (run), vs_flops, ref_flops, g64)
     row("mem-cross-64", case, "triton-vspace",
         (lambda: va.vspace_attention_triton(q, k, v64)), vs_flops, ref_flops, g64,
@@ -185,7 +185,7 @@ def memory_cross(batch: int, quick: bool) -> None:
     row("mem-cross-64", case, "sdpa-mask-efficient(bank)",
         (lambda: _sdpa(q, k, v64, mask, SDPBackend.EFFICIENT_ATTENTION)), vs_flops, ref_flops, g64)
     row("mem-cross-256", case, "sdpa-mask-default(bank)",
-        (lambda: F.scaled_dot_product_attention(q, k, v256, attn_mask=mask)), ref_flops, ref_flops, g256)
+        (lambda: sdpa4(q, k, v256, mask)), ref_flops, ref_flops, g256)
     row("mem-cross-64", case, "triton-vspace-ranges(bank)",
         (lambda: va.vspace_attention_triton(q, k, v64, rng)), vs_flops, ref_flops, g64)
     # The current fused kernel (in-kernel RoPE on q and k, 256-d values): RoPE makes its
@@ -201,9 +201,17 @@ def memory_cross(batch: int, quick: bool) -> None:
         None, jitfns=(ma._mem_attn_kernel, ma._merge_splits_kernel))
 
 
+def sdpa4(q, k, v, mask=None):
+    """SDPA on (B, N, D) tensors through the (B, heads=1, N, D) layout: the fused CUDA
+    backends (flash, cuDNN, memory-efficient) refuse 3-D inputs and PyTorch would quietly
+    fall back to the math backend (what the first H200 run measured by mistake)."""
+    m = None if mask is None else mask[:, None]  # (B, 1, Nk) -> (B, 1, 1, Nk)
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=m)[:, 0]
+
+
 def _sdpa(q, k, v, mask, be):
     with sdpa_kernel(be):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return sdpa4(q, k, v, mask)
 
 
 def memory_layer(batch: int) -> None:
@@ -233,7 +241,7 @@ def memory_layer(batch: int) -> None:
         q = ma.apply_rope(F.linear(tgt, wq, bq), cos, sin)
         k = rot_k(F.linear(mem + pos, wk, bk))
         v = F.linear(mem, wv, bv)
-        return F.linear(F.scaled_dot_product_attention(q, k, v), wo, bo)
+        return F.linear(sdpa4(q, k, v), wo, bo)
 
     k_cached = rot_k(F.linear(mem + pos, wk, bk)).contiguous()  # written once per memory frame
     w_ov = (wo.float() @ wv.float()).to(LOW)
