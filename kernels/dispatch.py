@@ -41,6 +41,9 @@ import torch
 
 from . import mask_upsample as _mu
 from . import memory_attention as _ma
+from . import select as _select
+from . import slots as _slots
+from . import vspace_attention as _va
 from . import window_attention as _wa
 from ._common import interpreting
 
@@ -61,6 +64,7 @@ _ENV_FLASH = "SAM2_FAST_FLASH_ATTN"
 
 _LAUNCHES: collections.Counter = collections.Counter()
 _FALLBACKS: collections.Counter = collections.Counter()
+_BACKENDS: collections.Counter = collections.Counter()
 _FORCE_DEPTH = [0]
 
 
@@ -74,9 +78,29 @@ def fallback_counts() -> dict:
     return dict(_FALLBACKS)
 
 
+def backend_counts() -> dict:
+    """{"slot: candidate": calls} — which implementation the selection layer ran."""
+    return dict(_BACKENDS)
+
+
+def backend_choices() -> dict:
+    """The selection layer's choices (cache key -> choice, measured us, errors)."""
+    return _select.choices()
+
+
 def reset_launch_counts() -> None:
     _LAUNCHES.clear()
     _FALLBACKS.clear()
+    _BACKENDS.clear()
+
+
+def _run_slot(slot, *args):
+    """Run a slot through its chosen candidate (inside a custom op: measured at run time,
+    never while torch.compile traces; inside CUDA-graph capture the cached choice runs)."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    cand = _select.choose(slot, device, *args)
+    _BACKENDS[f"{slot.name}: {cand.name}"] += 1
+    return cand.run(*args)
 
 
 @contextlib.contextmanager
@@ -136,7 +160,7 @@ def _declined(kernel: str, reason: Optional[str]) -> bool:
 def _window_attention_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
                          window: int, q_pool: bool) -> torch.Tensor:
     _LAUNCHES["window_attention"] += 1
-    return _wa.window_attention_triton(qkv, qkv_bias, num_heads, window, q_pool)
+    return _run_slot(_slots.WINDOW_ATTENTION, qkv, qkv_bias, num_heads, window, q_pool)
 
 
 @_window_attention_op.register_fake
@@ -177,7 +201,7 @@ def _(q, k, v, rope_cos, rope_sin):
 def _upsample_masks_op(logits: torch.Tensor, height: int, width: int, threshold: float,
                        want_logits: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     _LAUNCHES["mask_upsample"] += 1
-    mask, big = _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits)
+    mask, big = _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits)
     return mask, (big if big is not None else logits.new_empty(0))
 
 
@@ -189,7 +213,36 @@ def _(logits, height, width, threshold, want_logits):
     return mask, big
 
 
+@torch.library.custom_op("sam2_fast::vspace_attention", mutates_args=())
+def _vspace_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         ranges: Optional[torch.Tensor]) -> torch.Tensor:
+    _LAUNCHES["vspace_attention"] += 1
+    return _run_slot(_slots.MEMORY_ATTENTION, q, k, v, ranges)
+
+
+@_vspace_attention_op.register_fake
+def _(q, k, v, ranges):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
 # ----------------------------------------------------------------------------- dispatchers
+
+
+def memory_attention_vspace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            ranges: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Memory cross-attention in the value space (see ``vspace_attention.py``).
+
+    q (B, Nq, DK) and k (B, Nk, DK) already rotated; v (B, Nk, DV) the raw 64-d memory;
+    ranges (B, 4) int32 valid-key ranges or None. Returns (B, Nq, DV) = softmax(q k^T/sqrt(DK)) v.
+    Where kernels are enabled the call goes to the selection layer (Triton or an SDPA
+    backend, whichever measured fastest on this card), else to PyTorch's SDPA.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"memory_attention_vspace: q (B, Nq, D), k (B, Nk, D), v (B, Nk, Dv) expected, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if _use_triton("memory_attention", q.device.type):
+        return torch.ops.sam2_fast.vspace_attention(q, k, v, ranges)
+    return _va.vspace_attention_reference(q, k, v, ranges)
 
 
 def _flash_attn_func():

@@ -1,0 +1,148 @@
+"""The kernel slots the selection layer (``select.py``) chooses for, with their candidates.
+
+Each slot lists our Triton kernel and the PyTorch paths that compute the same function, the
+fp32 reference the numerics check uses, the shape bucket a choice is shared by, and the
+defaults when nothing can be measured. Measured defaults (H200, benchmarks/NOTES.md):
+windowed Hiera blocks -> Triton (1.3-5.3x SDPA), global blocks -> PyTorch (SDPA 2.3-3.2x
+faster than our kernel); upsampling -> PyTorch below ~1M output pixels per mask (480p:
+torch 30 us vs 43), Triton above (1080p: 53 us vs 102).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import mask_upsample as _mu
+from . import vspace_attention as _va
+from . import window_attention as _wa
+from ._common import interpreting
+from .select import Candidate, Slot
+
+# Output pixels per mask above which the upsampling kernel is the default (see docstring).
+UPSAMPLE_TRITON_MIN_PIXELS = 1_000_000
+
+
+def _pow2_bucket(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _triton_ok(t: torch.Tensor) -> Optional[str]:
+    if t.device.type == "cuda" or interpreting():
+        return None
+    return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {t.device.type}"
+
+
+# ----------------------------------------------------------------------------- memory attention
+# args: q (B, Nq, DK), k (B, Nk, DK), v (B, Nk, DV), ranges (B, 4) int32 | None
+
+
+def _sdpa_forced(backend):
+    def run(q, k, v, ranges):
+        with sdpa_kernel(backend):
+            return _va.vspace_attention_reference(q, k, v, ranges)
+    return run
+
+
+def _flash_unsupported(q, k, v, ranges) -> Optional[str]:
+    if v.shape[-1] != q.shape[-1]:
+        return "flash attention needs d_v == d_qk"
+    if ranges is not None:
+        return "flash attention takes no key mask"
+    return None
+
+
+def _vspace_triton_unsupported(q, k, v, ranges) -> Optional[str]:
+    return _triton_ok(q) or _va.unsupported_reason(q, k, v, ranges)
+
+
+MEMORY_ATTENTION = Slot(
+    name="memory_attention",
+    candidates=(
+        Candidate("triton", _va.vspace_attention_triton, _vspace_triton_unsupported),
+        Candidate("sdpa", _va.vspace_attention_reference),
+        Candidate("sdpa-efficient", _sdpa_forced(SDPBackend.EFFICIENT_ATTENTION)),
+        Candidate("sdpa-cudnn", _sdpa_forced(SDPBackend.CUDNN_ATTENTION)),
+        Candidate("sdpa-flash", _sdpa_forced(SDPBackend.FLASH_ATTENTION), _flash_unsupported),
+    ),
+    reference=lambda q, k, v, r: _va.vspace_attention_reference(q.float(), k.float(), v.float(), r),
+    bucket=lambda q, k, v, r: (str(q.dtype), _pow2_bucket(q.shape[0]), q.shape[1], -(-k.shape[1] // 4096) * 4096,
+                               q.shape[2], v.shape[2], r is not None),
+    default=lambda q, k, v, r: "triton" if _vspace_triton_unsupported(q, k, v, r) is None else "sdpa",
+    cpu=lambda q, k, v, r: "triton" if interpreting() and _vspace_triton_unsupported(q, k, v, r) is None else "sdpa",
+    baseline="sdpa",
+)
+
+
+# ----------------------------------------------------------------------------- window attention
+# args: qkv (B, H, W, 3C), qkv_bias (3C,) | None, num_heads, window, q_pool
+
+
+def _window_sdpa(backend):
+    def run(qkv, bias, heads, window, pool):
+        with sdpa_kernel(backend):
+            return _wa.window_attention_reference(qkv, bias, heads, window, pool)
+    return run
+
+
+def _window_triton_unsupported(qkv, bias, heads, window, pool) -> Optional[str]:
+    if qkv.dtype == torch.float32 and qkv.device.type == "cuda":
+        return "fp32 on CUDA: the kernel's ieee dot has no tensor cores; SDPA is faster"
+    return _triton_ok(qkv) or _wa.unsupported_reason(qkv, bias, heads, window, pool)
+
+
+WINDOW_ATTENTION = Slot(
+    name="window_attention",
+    candidates=(
+        Candidate("triton", _wa.window_attention_triton, _window_triton_unsupported),
+        Candidate("torch", _wa.window_attention_reference),
+        Candidate("torch-efficient", _window_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
+        Candidate("torch-flash", _window_sdpa(SDPBackend.FLASH_ATTENTION)),
+        Candidate("torch-cudnn", _window_sdpa(SDPBackend.CUDNN_ATTENTION)),
+    ),
+    reference=lambda qkv, b, h, w, p: _wa.window_attention_reference(
+        qkv.float(), None if b is None else b.float(), h, w, p),
+    bucket=lambda qkv, b, h, w, p: (str(qkv.dtype),) + tuple(qkv.shape) + (b is not None, h, w, p),
+    default=lambda qkv, b, h, w, p: ("triton" if w > 0 and _window_triton_unsupported(qkv, b, h, w, p) is None
+                                     else "torch"),
+    cpu=lambda qkv, b, h, w, p: "triton" if interpreting() and _window_triton_unsupported(qkv, b, h, w, p) is None
+    else "torch",
+    baseline="torch",
+)
+
+
+# ----------------------------------------------------------------------------- mask upsampling
+# args: logits (N, C, h, w), height, width, threshold, want_logits -> (mask, logits | None)
+
+
+def _up_triton(logits, height, width, threshold, want_logits):
+    return _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits)
+
+
+def _up_torch(logits, height, width, threshold, want_logits):
+    return _mu.upsample_masks_reference(logits, (height, width), threshold, want_logits)
+
+
+def _up_unsupported(logits, height, width, threshold, want_logits) -> Optional[str]:
+    return _triton_ok(logits) or _mu.unsupported_reason(logits, (height, width))
+
+
+MASK_UPSAMPLE = Slot(
+    name="mask_upsample",
+    candidates=(Candidate("triton", _up_triton, _up_unsupported), Candidate("torch", _up_torch)),
+    # compare the interpolated logits when asked for, else the mask (as float)
+    reference=lambda x, hh, ww, t, wl: _up_torch(x.float(), hh, ww, t, wl)[0].float(),
+    bucket=lambda x, hh, ww, t, wl: (str(x.dtype), _pow2_bucket(x.shape[0] * x.shape[1]), x.shape[2], x.shape[3],
+                                     hh, ww, wl),
+    default=lambda x, hh, ww, t, wl: ("triton" if hh * ww >= UPSAMPLE_TRITON_MIN_PIXELS
+                                      and _up_unsupported(x, hh, ww, t, wl) is None else "torch"),
+    cpu=lambda x, hh, ww, t, wl: "triton" if interpreting() and _up_unsupported(x, hh, ww, t, wl) is None else "torch",
+    baseline="torch",
+    first_output=lambda out: out[0].float(),
+)
+
+
+SLOTS = {s.name: s for s in (MEMORY_ATTENTION, WINDOW_ATTENTION, MASK_UPSAMPLE)}
