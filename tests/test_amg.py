@@ -42,7 +42,7 @@ CASES = {
     "filters": dict(BASE, box_nms_thresh=1.0),
     "nms": dict(BASE, **LOCAL),
     "m2m": dict(BASE, use_m2m=True, stability_score_thresh=0.6, box_nms_thresh=1.0),
-    "crops": dict(BASE, **LOCAL, points_per_side=4, crop_n_layers=1, crop_n_points_downscale_factor=2),
+    "crops": dict(BASE, **LOCAL, points_per_side=4, crop_n_layers=1),
     "holes": dict(BASE, min_mask_region_area=8, box_nms_thresh=1.0),
     "single": dict(BASE, multimask_output=False, pred_iou_thresh=0.0, box_nms_thresh=1.0),
 }
