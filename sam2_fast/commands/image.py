@@ -73,8 +73,8 @@ def run_segment(args: argparse.Namespace, log=print) -> int:
     box = parse_image_box(args.box) if args.box else None
     if not points and box is None:
         raise CliError("no prompt given: add --point X,Y (repeatable) and/or --box X0,Y0,X1,Y1")
+    _segment_outputs(args.out, args.multimask, 3)  # name checks before any work
     image = load_image(args.image)
-    _segment_outputs(args.out, args.multimask, 3)  # name checks before the model is built
     if args.out.lower().endswith(".json"):
         from sam2_fast.utils.amg import require_pycocotools
 
