@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cli_harness import (SIZE, assert_clean_error, clip, run_cli, shared_checkpoint, tmp_leftovers, write_mp4)
@@ -282,4 +281,3 @@ def test_interrupted_run_keeps_finished_frames_and_says_where_to_resume(ckpt, vi
     res = run_cli(capsys, "track", video, *_model_args(ckpt), "--point", "0:1:40,30", "--start", 3,
                   "--out", out, "--no-progress")
     assert res.code == 0 and len(os.listdir(out / "masks")) == 5
-    torch.set_num_threads(torch.get_num_threads())  # the runs leave global state as they found it

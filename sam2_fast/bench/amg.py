@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from itertools import product
-from typing import Any, Dict, Generator, ItemsView, List, Sequence, Tuple
+from typing import Any, Dict, Generator, ItemsView, List, Tuple
 
 import numpy as np
 import torch
