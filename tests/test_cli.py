@@ -281,3 +281,14 @@ def test_interrupted_run_keeps_finished_frames_and_says_where_to_resume(ckpt, vi
     res = run_cli(capsys, "track", video, *_model_args(ckpt), "--point", "0:1:40,30", "--start", 3,
                   "--out", out, "--no-progress")
     assert res.code == 0 and len(os.listdir(out / "masks")) == 5
+
+
+def test_generator_from_pretrained_finds_the_local_checkpoint(ckpt, monkeypatch):
+    pytest.importorskip("torchvision")
+    from sam2_fast.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    monkeypatch.setenv("SAM2_FAST_CHECKPOINT_DIR", os.path.dirname(ckpt))
+    gen = SAM2AutomaticMaskGenerator.from_pretrained("facebook/sam2.1-hiera-tiny", image_size=SIZE, device="cpu",
+                                                     points_per_side=2, pred_iou_thresh=0.0)
+    assert gen.predictor.model.image_size == SIZE and len(gen.point_grids[0]) == 4 and gen.pred_iou_thresh == 0.0
+    assert isinstance(gen.generate(clip(1, 40, 50)[0]), list)
