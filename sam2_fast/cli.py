@@ -32,13 +32,13 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     track.build_parser(sub.add_parser("track", help="track prompted objects through a video", epilog=track.EXAMPLES,
-                                      description=track.__doc__, formatter_class=fmt))
+                                      description=track.__doc__.replace("``", ""), formatter_class=fmt))
     image.build_segment_parser(sub.add_parser("segment", help="one mask on an image from clicks or a box",
                                               epilog=image.SEGMENT_EXAMPLES, formatter_class=fmt))
     image.build_amg_parser(sub.add_parser("amg", help="masks of every object of an image (automatic mask generator)",
                                           epilog=image.AMG_EXAMPLES, formatter_class=fmt))
     download.build_parser(sub.add_parser("download", help="fetch an official checkpoint into the cache",
-                                         epilog=download.EXAMPLES, description=download.__doc__, formatter_class=fmt))
+                                         epilog=download.EXAMPLES, description=download.__doc__.replace("``", ""), formatter_class=fmt))
     from sam2_fast.bench import command, profile
 
     command.build_parser(sub.add_parser("bench", help="side-by-side benchmark against the reference SAM 2"))

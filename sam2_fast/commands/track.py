@@ -43,7 +43,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
                    help="a mask prompt (non-zero pixels of the PNG)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--save", default="png", help=f"comma-separated outputs: {', '.join(SAVE_KINDS)} (default png)")
-    p.add_argument("--start", type=int, default=None, help="first frame to track from (default: the first prompted)")
+    p.add_argument("--start", type=int, default=None, help="first frame to track from (default: the first prompted frame; the last with --reverse)")
     p.add_argument("--max-frames", type=int, default=None, help="track at most this many frames after the start")
     p.add_argument("--reverse", action="store_true", help="track backwards in time")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (CUDA)")
