@@ -69,6 +69,8 @@ def make_clip(args: argparse.Namespace, objects: int):
 
 def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="sam2-fast bench", description=__doc__)
+    p.add_argument("--task", default="track", choices=("track", "amg"),
+                   help="track: the video predictor (default); amg: the automatic mask generator on one image")
     add_common_args(p)
     p.add_argument("--objects", default="1", help="objects to track; a comma list runs one case per count, e.g. 1,8")
     p.add_argument("--dtype", default="all", choices=("all", "fp32", "bf16"),
@@ -89,12 +91,19 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
                         "max-autotune-no-cudagraphs on CUDA); 'default' compiles much faster")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run: rows that would start too late are reported n/a (GPU check)")
+    from sam2_fast.bench import amg
+
+    amg.add_args(p)
     return p
 
 
 def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
     device = pick_device(args.device)
     fill_defaults(args, device)
+    if getattr(args, "task", "track") == "amg":
+        from sam2_fast.bench import amg
+
+        return amg.run(args, device, log=log)
     if args.repeats is None:
         args.repeats = 2 if device.type == "cuda" else 1
     try:  # bad options fail here, with the problem named, before any model is built

@@ -1,0 +1,310 @@
+"""The drop-in ``SAM2AutomaticMaskGenerator`` ("segment everything").
+
+Same constructor, ``generate`` records and ``from_pretrained`` as
+``sam2.automatic_mask_generator``; swap the import. It runs on our image predictor (one
+model, one decode path): a grid of single-click prompts per crop, the image embedding
+computed once per crop, then filtering by predicted IoU and stability, box NMS within and
+across crops.
+
+Where the work differs from the official loop (same results):
+
+* the per-batch post-processing runs on the model's device and over the whole batch at
+  once: stability scores, thresholding, boxes, the crop-edge filter, the uncrop padding
+  and RLE encoding (``sam2_fast.utils.amg.mask_to_rle_pytorch``, one host transfer per
+  batch instead of one sync per mask);
+* the low-res logits are not carried along in the per-crop data (the official code keeps
+  every batch's (N, 256, 256) logits until the crop is done);
+* ``points_per_batch=None`` picks the largest batch that fits (see ``_auto_points_per_batch``):
+  a 32x32 grid then goes through the decoder in one call on a large GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .image_prompts import Prompts
+from .sam2_image_predictor import SAM2ImagePredictor
+from .utils import amg as A
+from .utils.transforms import image_to_uint8_chw
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# keyword arguments of from_pretrained that build the model rather than the generator
+_MODEL_KWARGS = ("device", "mode", "hydra_overrides_extra", "apply_postprocessing", "image_size")
+
+
+def _torchvision_ops():
+    try:
+        from torchvision.ops.boxes import batched_nms, box_area
+    except ImportError as exc:
+        raise ImportError("SAM2AutomaticMaskGenerator needs torchvision for box NMS: "
+                          "pip install torchvision") from exc
+    return batched_nms, box_area
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    batched_nms, _ = _torchvision_ops()
+    return batched_nms(boxes.float(), scores, torch.zeros_like(boxes[:, 0]), iou_threshold=iou_threshold)
+
+
+class SAM2AutomaticMaskGenerator:
+    def __init__(
+        self,
+        model,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: Optional[int] = 64,
+        pred_iou_thresh: float = 0.8,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        mask_threshold: float = 0.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        use_m2m: bool = False,
+        multimask_output: bool = True,
+        **kwargs,
+    ) -> None:
+        """Arguments as the official generator (see its docstring); additionally
+        ``points_per_batch=None`` chooses the largest batch that fits in memory.
+
+        ``min_mask_region_area`` > 0 removes holes and specks up to that area (in low-res
+        mask pixels) before upsampling, through the image predictor, as the official
+        generator does; it needs no compiled extension here.
+        """
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+        if points_per_side is not None:
+            if int(points_per_side) < 1:
+                raise ValueError(f"points_per_side must be a positive integer, got {points_per_side}")
+            if int(crop_n_layers) < 0:
+                raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
+            if int(crop_n_points_downscale_factor) < 1:
+                raise ValueError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
+            self.point_grids = A.build_all_layer_point_grids(
+                int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor))
+            if any(len(g) == 0 for g in self.point_grids):
+                raise ValueError(f"points_per_side={points_per_side} leaves no points in crop layer "
+                                 f"{next(i for i, g in enumerate(self.point_grids) if len(g) == 0)} after "
+                                 f"downscaling by {crop_n_points_downscale_factor} per layer")
+        else:
+            self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+            if len(self.point_grids) < int(crop_n_layers) + 1:
+                raise ValueError(f"point_grids has {len(self.point_grids)} grids but crop_n_layers="
+                                 f"{crop_n_layers} needs one per layer ({int(crop_n_layers) + 1})")
+            for i, g in enumerate(self.point_grids):
+                if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or g.min() < 0 or g.max() > 1:
+                    raise ValueError(f"point_grids[{i}] must be a non-empty (N, 2) array of [0, 1] "
+                                     f"coordinates, got shape {g.shape}")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"Unknown output_mode {output_mode!r}; use one of {', '.join(OUTPUT_MODES)}")
+        if output_mode == "coco_rle":
+            A.require_pycocotools()
+        if points_per_batch is not None and int(points_per_batch) < 1:
+            raise ValueError(f"points_per_batch must be positive (or None for automatic), got {points_per_batch}")
+        _torchvision_ops()  # fail now, not after the first crop, when torchvision is missing
+        self.predictor = SAM2ImagePredictor(model, max_hole_area=min_mask_region_area,
+                                            max_sprinkle_area=min_mask_region_area)
+        self.points_per_batch = None if points_per_batch is None else int(points_per_batch)
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.mask_threshold = mask_threshold
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = int(crop_n_layers)
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.use_m2m = use_m2m
+        self.multimask_output = multimask_output
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, **kwargs) -> "SAM2AutomaticMaskGenerator":
+        """Build the model of an official Hugging Face id (local checkpoint first) and a
+        generator on it; model keywords (device, image_size, ...) go to the builder."""
+        from .build_sam import build_sam2_hf
+
+        model_kwargs = {k: kwargs.pop(k) for k in _MODEL_KWARGS if k in kwargs}
+        return cls(build_sam2_hf(model_id, **model_kwargs), **kwargs)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, image) -> List[Dict[str, Any]]:
+        """Masks for an HWC uint8 RGB image (numpy; PIL, grayscale and RGBA are converted).
+
+        Records: segmentation (HW bool array, or an RLE dict per ``output_mode``), area,
+        bbox (XYWH), predicted_iou, point_coords ([[x, y]]), stability_score, crop_box (XYWH).
+        """
+        image = image_to_uint8_chw(image).permute(1, 2, 0).cpu().numpy()  # checks; (H, W, 3)
+        data = self._generate_masks(image)
+        rles = data["rles"]
+        if self.output_mode == "coco_rle":
+            segs = self._coco_encode(rles)
+        elif self.output_mode == "binary_mask":
+            segs = [A.rle_to_mask(rle) for rle in rles]
+        else:
+            segs = rles
+        boxes = np.asarray(data["boxes"], dtype=np.float32).reshape(-1, 4)
+        crops = np.asarray(data["crop_boxes"], dtype=np.float32).reshape(-1, 4)
+        for b in (boxes, crops):  # XYXY -> XYWH, the same float32 subtraction as the official code
+            b[:, 2:] -= b[:, :2]
+        areas = np.asarray(data["areas"]).astype(np.int64).tolist()
+        ious, stab = data["iou_preds"].tolist(), data["stability_score"].tolist()
+        points = data["points"].tolist()
+        boxes_l, crops_l = boxes.tolist(), crops.tolist()
+        return [
+            {"segmentation": segs[i], "area": areas[i], "bbox": boxes_l[i], "predicted_iou": ious[i],
+             "point_coords": [points[i]], "stability_score": stab[i], "crop_box": crops_l[i]}
+            for i in range(len(rles))
+        ]
+
+    @staticmethod
+    def _coco_encode(rles: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        if not rles:
+            return []
+        mask_utils = A.require_pycocotools()
+        h, w = rles[0]["size"]
+        out = mask_utils.frPyObjects(rles, h, w)  # one call for the whole list
+        for r in out:
+            r["counts"] = r["counts"].decode("utf-8")  # JSON-serialisable, as the official output
+        return out
+
+    # ------------------------------------------------------------------ crops
+    def _generate_masks(self, image: np.ndarray) -> A.MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = A.generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        data = A.MaskData()
+        for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+        if len(crop_boxes) > 1 and len(data["rles"]) > 0:
+            # duplicates between crops: prefer masks from smaller crops
+            _, box_area = _torchvision_ops()
+            scores = (1 / box_area(data["crop_boxes"])).to(data["boxes"].device)
+            data.filter(_nms(data["boxes"], scores, self.crop_nms_thresh))
+        areas = data["areas"].cpu().numpy()  # int64: to_numpy would make it float32
+        data.to_numpy()
+        data["areas"] = areas
+        return data
+
+    def _process_crop(self, image: np.ndarray, crop_box: List[int], crop_layer_idx: int,
+                      orig_size: Tuple[int, ...]) -> A.MaskData:
+        x0, y0, x1, y1 = crop_box
+        cropped = image[y0:y1, x0:x1, :]
+        crop_hw = cropped.shape[:2]
+        self.predictor.set_image(cropped)  # the embedding: once per crop
+        points = self.point_grids[crop_layer_idx] * np.array(crop_hw)[None, ::-1]  # (P, 2) crop pixels
+        batch = self.points_per_batch or self._auto_points_per_batch(crop_hw)
+        data = A.MaskData()
+        for (pts,) in A.batch_iterator(batch, points):
+            data.cat(self._process_batch(pts, crop_hw, crop_box, orig_size, normalize=True))
+        self.predictor.reset_predictor()
+        if len(data["rles"]) > 0:  # duplicates within the crop
+            data.filter(_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+        data["boxes"] = A.uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = A.uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).expand(len(data["rles"]), 4)
+        return data
+
+    def _auto_points_per_batch(self, crop_hw: Tuple[int, int]) -> int:
+        """The largest point batch whose working set fits a memory budget (at most 1024)."""
+        dev = self.predictor.device
+        c = 3 if self.multimask_output else 1
+        s = self.predictor.model.image_size
+        # per point: C fp32 logit maps at crop size, about as much again in bool/float
+        # temporaries of the post-processing; plus the decoder's activations (~40 MB per
+        # prompt at 1024: the repeated 64x64x256 embedding, keys, the 4x upscaled maps)
+        per_point = c * crop_hw[0] * crop_hw[1] * 10 + 40 * 2**20 * (s / 1024) ** 2
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            budget = 0.4 * free
+        else:
+            budget = 2**30  # host: bigger batches gain nothing on a CPU, so stay small
+        return int(max(1, min(1024, budget // per_point)))
+
+    # ------------------------------------------------------------------ one batch of points
+    def _decode(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: Optional[torch.Tensor],
+                multimask: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image predictor's decode for (B, 1, 2) model-frame clicks: (B, C, H, W)
+        logits at crop size, (B, C) predicted IoU, (B, C, h, w) low-res logits (clamped)."""
+        prompts = Prompts(coords=coords, labels=labels, boxes=None, mask=mask_input)
+        return self.predictor._predict(prompts, multimask, return_logits=True)
+
+    def _process_batch(self, points: np.ndarray, im_size: Tuple[int, ...], crop_box: List[int],
+                       orig_size: Tuple[int, ...], normalize: bool = False) -> A.MaskData:
+        orig_h, orig_w = orig_size
+        dev = self.predictor.device
+        pts = torch.as_tensor(points, dtype=torch.float32, device=dev)  # (B, 2) crop pixels
+        in_pts = self.predictor._transforms.transform_coords(pts, normalize=normalize, orig_hw=im_size)
+        labels = torch.ones(in_pts.shape[0], 1, dtype=torch.int32, device=dev)
+        masks, iou, low_res = self._decode(in_pts[:, None, :], labels, None, self.multimask_output)
+        c = masks.shape[1]
+        masks, iou, low_res = masks.flatten(0, 1), iou.flatten(0, 1), low_res.flatten(0, 1)  # (N, ...)
+        pts = pts.repeat_interleave(c, dim=0)  # (N, 2)
+        if self.use_m2m:  # one refinement step with each mask as the mask prompt
+            in_pts = self.predictor._transforms.transform_coords(pts, normalize=normalize, orig_hw=im_size)
+            masks, iou = self.refine_with_m2m(in_pts, torch.ones(len(pts), dtype=torch.int32, device=dev),
+                                              low_res, self.points_per_batch or len(pts))
+            masks, iou = masks.squeeze(1), iou.squeeze(1)
+        del low_res
+        keep = torch.ones_like(iou, dtype=torch.bool)
+        if self.pred_iou_thresh > 0.0:
+            keep = iou > self.pred_iou_thresh
+        masks, iou, pts = masks[keep], iou[keep], pts[keep]
+        stability = A.calculate_stability_score(masks, self.mask_threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            keep = stability >= self.stability_score_thresh
+            masks, iou, pts, stability = masks[keep], iou[keep], pts[keep], stability[keep]
+        binary = masks > self.mask_threshold  # (n, h, w)
+        del masks
+        boxes = A.batched_mask_to_box(binary).long()  # (n, 4) XYXY crop pixels
+        keep = ~A.is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        binary, iou, pts, stability, boxes = binary[keep], iou[keep], pts[keep], stability[keep], boxes[keep]
+        areas = binary.sum(dim=(1, 2))  # (n,) = the RLE's foreground count
+        full = A.uncrop_masks(binary, crop_box, orig_h, orig_w)  # (n, H, W)
+        return A.MaskData(iou_preds=iou, points=pts, stability_score=stability, boxes=boxes, areas=areas,
+                          rles=A.mask_to_rle_pytorch(full))
+
+    def refine_with_m2m(self, points: torch.Tensor, point_labels: torch.Tensor, low_res_masks: torch.Tensor,
+                        points_per_batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode each (model-frame) point again with its own low-res mask as the mask
+        prompt, single-mask output: (N, 1, H, W) logits and (N, 1) predicted IoU."""
+        new_masks, new_ious = [], []
+        for cur_pts, cur_labels, low in A.batch_iterator(points_per_batch, points, point_labels, low_res_masks):
+            m, i, _ = self._decode(cur_pts[:, None, :], cur_labels[:, None], low[:, None], False)
+            new_masks.append(m)
+            new_ious.append(i)
+        return torch.cat(new_masks, dim=0), torch.cat(new_ious, dim=0)
+
+    @staticmethod
+    def postprocess_small_regions(mask_data: A.MaskData, min_area: int, nms_thresh: float) -> A.MaskData:
+        """Remove small islands and holes from each mask, then NMS again (unchanged masks
+        preferred). Edits ``mask_data`` in place, as the official method; no OpenCV needed."""
+        if len(mask_data["rles"]) == 0:
+            return mask_data
+        new_masks, scores = [], []
+        for rle in mask_data["rles"]:
+            mask = A.rle_to_mask(rle)
+            mask, changed_h = A.remove_small_regions(mask, min_area, mode="holes")
+            mask, changed_i = A.remove_small_regions(mask, min_area, mode="islands")
+            new_masks.append(torch.as_tensor(np.ascontiguousarray(mask)).unsqueeze(0))
+            scores.append(float(not (changed_h or changed_i)))
+        masks = torch.cat(new_masks, dim=0)
+        boxes = A.batched_mask_to_box(masks)
+        keep = _nms(boxes, torch.as_tensor(scores), nms_thresh)
+        changed = [int(i) for i in keep if scores[int(i)] == 0.0]
+        if changed:
+            for i, rle in zip(changed, A.mask_to_rle_pytorch(masks[changed])):
+                mask_data["rles"][i] = rle
+                mask_data["boxes"][i] = boxes[i]
+                if "areas" in mask_data:
+                    mask_data["areas"][i] = masks[i].sum()
+        mask_data.filter(keep)
+        return mask_data
