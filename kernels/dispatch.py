@@ -199,16 +199,18 @@ def _(q, k, v, rope_cos, rope_sin):
 
 @torch.library.custom_op("sam2_fast::upsample_masks", mutates_args=())
 def _upsample_masks_op(logits: torch.Tensor, height: int, width: int, threshold: float,
-                       want_logits: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                       want_logits: bool, want_mask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     _LAUNCHES["mask_upsample"] += 1
-    mask, big = _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits)
-    return mask, (big if big is not None else logits.new_empty(0))
+    mask, big = _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits, want_mask)
+    # custom ops return tensors: an output not asked for is an empty placeholder
+    return (mask if mask is not None else logits.new_empty(0, dtype=torch.bool)), \
+        (big if big is not None else logits.new_empty(0))
 
 
 @_upsample_masks_op.register_fake
-def _(logits, height, width, threshold, want_logits):
+def _(logits, height, width, threshold, want_logits, want_mask):
     n, c = logits.shape[:2]
-    mask = logits.new_empty((n, c, height, width), dtype=torch.bool)
+    mask = logits.new_empty((n, c, height, width) if want_mask else (0,), dtype=torch.bool)
     big = logits.new_empty((n, c, height, width) if want_logits else (0,))
     return mask, big
 
@@ -343,17 +345,21 @@ def rope_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,
-                   want_logits: bool = False):
+                   want_logits: bool = False, want_mask: bool = True):
     """Resize mask logits to the frame size and threshold them, all objects at once.
 
     logits: (N, C, h, w) low-res logits (e.g. ``low_res_masks`` (num_objects, 1, 256, 256)).
     size: (H, W) of the video frame. Returns (mask (N, C, H, W) bool = resized > threshold,
     resized logits in the input dtype when want_logits else None) — the same as
     ``F.interpolate(logits, size, mode="bilinear", align_corners=False)`` then ``> threshold``.
+    ``want_mask=False`` (callers that threshold later, e.g. the predictors) writes no mask
+    (mask returned as None).
     """
+    if not (want_mask or want_logits):
+        raise ValueError("upsample_masks: asked for neither the mask nor the logits")
     if _use_triton("mask_upsample", logits.device.type) and not _declined(
             "mask_upsample", _mu.unsupported_reason(logits, size)):
         mask, big = torch.ops.sam2_fast.upsample_masks(logits, int(size[0]), int(size[1]),
-                                                      float(threshold), want_logits)
-        return mask, (big if want_logits else None)
-    return _mu.upsample_masks_reference(logits, size, threshold, want_logits)
+                                                      float(threshold), want_logits, want_mask)
+        return (mask if want_mask else None), (big if want_logits else None)
+    return _mu.upsample_masks_reference(logits, size, threshold, want_logits, want_mask)

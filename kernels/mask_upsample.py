@@ -32,8 +32,9 @@ def _upsample_threshold_kernel(
     s_xn, s_xc, s_xh, s_xw,    # input strides (any layout)
     h, w, H, W, C,
     scale_h, scale_w, threshold,
-    write_logits,              # runtime flag (1/0): also store the resized logits
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    WRITE_MASK: tl.constexpr,    # store the thresholded mask (1 byte a pixel)
+    WRITE_LOGITS: tl.constexpr,  # store the resized logits
 ):
     plane = tl.program_id(0)
     n = plane // C
@@ -69,8 +70,9 @@ def _upsample_threshold_kernel(
     val = ((1.0 - wy) * top + wy * bot).to(x_ptr.dtype.element_ty)
 
     out_off = plane.to(tl.int64) * H * W + oy[:, None] * W + ox[None, :]
-    tl.store(mask_ptr + out_off, (val.to(tl.float32) > threshold).to(tl.uint8), mask=ok)
-    if write_logits:
+    if WRITE_MASK:  # the video/image predictors want logits only: no mask bytes written
+        tl.store(mask_ptr + out_off, (val.to(tl.float32) > threshold).to(tl.uint8), mask=ok)
+    if WRITE_LOGITS:
         tl.store(logit_ptr + out_off, val, mask=ok)
 
 
@@ -93,44 +95,52 @@ def pick_config(out_w: int) -> LaunchConfig:
 def all_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     """(dtype, constexprs, LaunchConfig) per variant; writing logits is a runtime flag."""
     cfg = pick_config(0)
-    return [(dt, dict(BLOCK_H=cfg.block_m, BLOCK_W=cfg.block_n), cfg) for dt in dtypes]
+    # (mask, logits) outputs: mask only, logits only (the predictors), both
+    outs = ((True, False), (False, True), (True, True))
+    return [(dt, dict(BLOCK_H=cfg.block_m, BLOCK_W=cfg.block_n, WRITE_MASK=m, WRITE_LOGITS=lg), cfg)
+            for dt in dtypes for m, lg in outs]
 
 
 def upsample_masks_triton(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,
                           want_logits: bool = False, mask_out: Optional[torch.Tensor] = None,
-                          logits_out: Optional[torch.Tensor] = None):
-    """Launch the kernel (tensors: module docstring). ``mask_out`` may be a uint8 or bool buffer."""
+                          logits_out: Optional[torch.Tensor] = None, want_mask: bool = True):
+    """Launch the kernel (tensors: module docstring). ``mask_out`` may be a uint8 or bool buffer.
+    Returns (mask | None, logits | None): only what was asked for is written."""
     raise_if(unsupported_reason(logits, size), "upsample_masks")
+    if not (want_mask or want_logits):
+        raise ValueError("upsample_masks: asked for neither the mask nor the logits")
     n, c, h, w = logits.shape
     H, W = int(size[0]), int(size[1])
     shape = (n, c, H, W)
-    if mask_out is None:
-        mask_out = torch.empty(shape, device=logits.device, dtype=torch.bool)
-    if tuple(mask_out.shape) != shape or mask_out.dtype not in (torch.bool, torch.uint8) \
-            or not mask_out.is_contiguous():
-        raise ValueError(f"upsample_masks: mask_out must be contiguous bool/uint8 {shape}")
+    if want_mask:
+        if mask_out is None:
+            mask_out = torch.empty(shape, device=logits.device, dtype=torch.bool)
+        if tuple(mask_out.shape) != shape or mask_out.dtype not in (torch.bool, torch.uint8) \
+                or not mask_out.is_contiguous():
+            raise ValueError(f"upsample_masks: mask_out must be contiguous bool/uint8 {shape}")
     if want_logits:
         if logits_out is None:
             logits_out = torch.empty(shape, device=logits.device, dtype=logits.dtype)
         if tuple(logits_out.shape) != shape or logits_out.dtype != logits.dtype or not logits_out.is_contiguous():
             raise ValueError(f"upsample_masks: logits_out must be contiguous {logits.dtype} {shape}")
-    mask_u8 = mask_out.view(torch.uint8)  # bool and uint8 share one byte per element
+    # bool and uint8 share one byte per element; an unused pointer gets the logits
+    mask_u8 = mask_out.view(torch.uint8) if want_mask else logits
     cfg = pick_config(W)
     grid = (n * c, triton.cdiv(H, cfg.block_m), triton.cdiv(W, cfg.block_n))
     _upsample_threshold_kernel[grid](
         logits, mask_u8, logits_out if want_logits else logits,  # never written when off
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), h, w, H, W, c,
         h / H, w / W, float(threshold),  # passed as fp32 scalars, like the reference's scale
-        int(want_logits), BLOCK_H=cfg.block_m, BLOCK_W=cfg.block_n,
+        BLOCK_H=cfg.block_m, BLOCK_W=cfg.block_n, WRITE_MASK=want_mask, WRITE_LOGITS=want_logits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return mask_out, (logits_out if want_logits else None)
+    return (mask_out if want_mask else None), (logits_out if want_logits else None)
 
 
 def upsample_masks_reference(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,
-                             want_logits: bool = False):
-    """PyTorch path: the reference's interpolate, then the comparison."""
+                             want_logits: bool = False, want_mask: bool = True):
+    """PyTorch path: the reference's interpolate, then the comparison (when wanted)."""
     if logits.dim() != 4:
         raise ValueError(f"upsample_masks: logits must be (N, C, h, w), got shape {tuple(logits.shape)}")
     big = F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
-    return big > threshold, (big if want_logits else None)
+    return (big > threshold if want_mask else None), (big if want_logits else None)

@@ -115,33 +115,40 @@ WINDOW_ATTENTION = Slot(
 
 
 # ----------------------------------------------------------------------------- mask upsampling
-# args: logits (N, C, h, w), height, width, threshold, want_logits -> (mask, logits | None)
+# args: logits (N, C, h, w), height, width, threshold, want_logits, want_mask
+#       -> (mask | None, logits | None)
 
 
-def _up_triton(logits, height, width, threshold, want_logits):
-    return _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits)
+def _up_triton(logits, height, width, threshold, want_logits, want_mask):
+    return _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits, want_mask=want_mask)
 
 
-def _up_torch(logits, height, width, threshold, want_logits):
-    return _mu.upsample_masks_reference(logits, (height, width), threshold, want_logits)
+def _up_torch(logits, height, width, threshold, want_logits, want_mask):
+    return _mu.upsample_masks_reference(logits, (height, width), threshold, want_logits, want_mask)
 
 
-def _up_unsupported(logits, height, width, threshold, want_logits) -> Optional[str]:
+def _up_unsupported(logits, height, width, threshold, want_logits, want_mask) -> Optional[str]:
     return _triton_ok(logits) or _mu.unsupported_reason(logits, (height, width))
+
+
+def _up_output(out) -> torch.Tensor:
+    """The tensor the numerics check compares: the mask when computed, else the logits."""
+    return (out[0] if out[0] is not None else out[1]).float()
 
 
 MASK_UPSAMPLE = Slot(
     name="mask_upsample",
     candidates=(Candidate("triton", _up_triton, _up_unsupported), Candidate("torch", _up_torch)),
     # compare the interpolated logits when asked for, else the mask (as float)
-    reference=lambda x, hh, ww, t, wl: _up_torch(x.float(), hh, ww, t, wl)[0].float(),
-    bucket=lambda x, hh, ww, t, wl: (str(x.dtype), _pow2_bucket(x.shape[0] * x.shape[1]), x.shape[2], x.shape[3],
-                                     hh, ww, wl),
-    default=lambda x, hh, ww, t, wl: ("triton" if hh * ww >= UPSAMPLE_TRITON_MIN_PIXELS
-                                      and _up_unsupported(x, hh, ww, t, wl) is None else "torch"),
-    cpu=lambda x, hh, ww, t, wl: "triton" if interpreting() and _up_unsupported(x, hh, ww, t, wl) is None else "torch",
+    reference=lambda x, hh, ww, t, wl, wm: _up_output(_up_torch(x.float(), hh, ww, t, wl, wm)),
+    bucket=lambda x, hh, ww, t, wl, wm: (str(x.dtype), _pow2_bucket(x.shape[0] * x.shape[1]), x.shape[2],
+                                         x.shape[3], hh, ww, wl, wm),
+    default=lambda x, hh, ww, t, wl, wm: ("triton" if hh * ww >= UPSAMPLE_TRITON_MIN_PIXELS
+                                          and _up_unsupported(x, hh, ww, t, wl, wm) is None else "torch"),
+    cpu=lambda x, hh, ww, t, wl, wm: ("triton" if interpreting() and _up_unsupported(x, hh, ww, t, wl, wm) is None
+                                      else "torch"),
     baseline="torch",
-    first_output=lambda out: out[0].float(),
+    first_output=_up_output,
 )
 
 

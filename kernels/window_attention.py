@@ -61,8 +61,8 @@ def _window_attn_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bwh = tl.program_id(1)
+    pid_bwh = tl.program_id(0)  # batch x windows x heads: can exceed grid axis 1's 65,535
+    pid_m = tl.program_id(1)
     head = pid_bwh % num_heads
     win = (pid_bwh // num_heads) % n_win
     b = pid_bwh // (num_heads * n_win)
@@ -217,6 +217,20 @@ def all_configs(head_dims, dtypes=(torch.float32, torch.float16, torch.bfloat16)
     return out
 
 
+# CUDA grid limits: axis 0 up to 2^31 - 1, axes 1 and 2 up to 65,535.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def launch_grid(batch: int, n_win: int, num_heads: int, n_q: int, cfg: LaunchConfig) -> Tuple[int, int]:
+    """(batch x windows x heads, query blocks): the large product on axis 0. On axis 1 it
+    failed for set_image_batch of 16 images on tiny (stage-2 entry: 1,024 windows x 2 heads x
+    32 = 65,536 > 65,535) and 8 on large (issue 8, item 5)."""
+    grid = (batch * n_win * num_heads, triton.cdiv(n_q, cfg.block_m))
+    if any(g > m for g, m in zip(grid, MAX_GRID)):
+        raise ValueError(f"window_attention: launch grid {grid} exceeds the CUDA limits {MAX_GRID[:2]}")
+    return grid
+
+
 def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
                             window: int, q_pool: bool,
                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -234,7 +248,7 @@ def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
     n_q = g["wqw"][0] * g["wqw"][1]
     n_win = g["n_win_y"] * g["n_win_x"]
     cfg = pick_config(n_q, hd, qkv.dtype)
-    grid = (triton.cdiv(n_q, cfg.block_m), b * n_win * num_heads)
+    grid = launch_grid(b, n_win, num_heads, n_q, cfg)
     # A padded token's k/v is the bias rounded to qkv's dtype (what the projection outputs).
     bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)
     _window_attn_kernel[grid](

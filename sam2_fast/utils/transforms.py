@@ -198,7 +198,7 @@ def upsample_masks(masks: torch.Tensor, orig_hw: Sequence[int]) -> torch.Tensor:
     """
     h, w = int(orig_hw[0]), int(orig_hw[1])
     if kernel_gate.kernel_enabled("mask_upsample", masks.device.type):
-        _, logits = kernel_gate.dispatch().upsample_masks(masks, (h, w), want_logits=True)
+        _, logits = kernel_gate.dispatch().upsample_masks(masks, (h, w), want_logits=True, want_mask=False)
         return logits
     return F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
 

@@ -29,7 +29,8 @@ def resize_to_video(masks: Tensor, height: int, width: int) -> Tensor:
     if masks.shape[-2:] == (height, width):
         return masks
     if kernel_gate.kernel_enabled("mask_upsample", masks.device.type):
-        _, logits = kernel_gate.dispatch().upsample_masks(masks, (height, width), want_logits=True)
+        _, logits = kernel_gate.dispatch().upsample_masks(masks, (height, width), want_logits=True,
+                                                          want_mask=False)  # logits only: no mask bytes
         return logits
     return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
 

@@ -142,7 +142,7 @@ def test_custom_op_fake_shapes():
         fq = mode.from_tensor(qkv)
         out = torch.ops.sam2_fast.window_attention(fq, mode.from_tensor(bias), 2, 4, True)
         assert out.shape == (2, 5, 7, 16)
-        m, lg = torch.ops.sam2_fast.upsample_masks(mode.from_tensor(logits), 13, 17, 0.0, False)
+        m, lg = torch.ops.sam2_fast.upsample_masks(mode.from_tensor(logits), 13, 17, 0.0, False, True)
         assert m.shape == (3, 1, 13, 17) and m.dtype == torch.bool and lg.numel() == 0
 
 

@@ -80,3 +80,17 @@ def test_reference_rejects_bad_rank():
     with pytest.raises(ValueError, match=r"\(N, C, h, w\)"):
         mu.upsample_masks_reference(torch.randn(3, 8, 8), (16, 16))
     assert "size" in mu.unsupported_reason(torch.randn(1, 1, 4, 4), (0, 5))
+
+
+@pytest.mark.interp
+@needs_interp
+def test_logits_only_writes_no_mask():
+    """want_mask=False (what the predictors ask for): logits exact, no mask tensor at all."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, 1, 9, 11)
+    mask, big = mu.upsample_masks_triton(logits, (31, 40), want_logits=True, want_mask=False)
+    assert mask is None
+    _, both = mu.upsample_masks_triton(logits, (31, 40), want_logits=True)  # checked above
+    assert torch.equal(big, both)  # same arithmetic, only the mask store is gone
+    with pytest.raises(ValueError, match="neither the mask nor the logits"):
+        mu.upsample_masks_triton(logits, (31, 40), want_logits=False, want_mask=False)
