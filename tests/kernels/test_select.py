@@ -111,7 +111,7 @@ def test_static_defaults_follow_the_h200_measurements():
     bias = torch.randn(3 * 96, dtype=torch.bfloat16)
     assert slots.WINDOW_ATTENTION.default(qkv, bias, 1, 0, False) == "torch"  # global blocks
     x = torch.randn(8, 1, 64, 64)
-    assert slots.MASK_UPSAMPLE.default(x, 480, 854, 0.0, False) == "torch"
+    assert slots.MASK_UPSAMPLE.default(x, 480, 854, 0.0, False, True) == "torch"
 
 
 @pytest.mark.interp
