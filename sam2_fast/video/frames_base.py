@@ -40,6 +40,26 @@ def resize_u8(pil_rgb: Any, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(planes))
 
 
+class Normalizer:
+    """(3, S, S) uint8 -> (3, S, S) float32 on ``device``, ImageNet-normalised, bitwise the
+    reference's ``(x / 255 - mean) / std`` (shared by every frame source and the stream)."""
+
+    def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.device = torch.device(device)
+        self._mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        # Off the CPU a float ``x / 255`` may become ``x * (1/255)`` (not bitwise the
+        # reference), so there we look the normalised values up in a table instead.
+        self._lut = None if self.device.type == "cpu" else normalize_lut(mean, std).to(self.device)
+        self._lut_base = (torch.arange(3, device=self.device) * 256)[:, None, None]
+
+    def __call__(self, frame_u8: torch.Tensor) -> torch.Tensor:
+        x = frame_u8.to(self.device, non_blocking=True)
+        if self._lut is None:  # CPU: the reference's float32 ops, in place
+            return x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
+        return self._lut.view(-1)[x.long() + self._lut_base]
+
+
 class FrameSource:
     """Indexable video: ``len(src)``, ``src[idx] -> (3, S, S) float32``, ``src.close()``.
 
@@ -59,12 +79,7 @@ class FrameSource:
         self.video_height = int(decoder.height)
         self.video_width = int(decoder.width)
         self.device = device
-        self._mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        self._std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-        # Off the CPU a float ``x / 255`` may become ``x * (1/255)`` (not bitwise the
-        # reference), so there we look the normalised values up in a table instead.
-        self._lut = None if device.type == "cpu" else normalize_lut(mean, std).to(device)
-        self._lut_base = (torch.arange(3, device=device) * 256)[:, None, None]
+        self._normalize = Normalizer(device, mean, std)
         # Video decoders are stateful: one walker at a time. Folders and arrays are not.
         self._decode_lock: Any = (contextlib.nullcontext() if getattr(decoder, "thread_safe", False)
                                   else threading.Lock())
@@ -127,10 +142,7 @@ class FrameSource:
 
     def normalize(self, frame_u8: torch.Tensor) -> torch.Tensor:
         """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised."""
-        x = frame_u8.to(self.device, non_blocking=True)
-        if self._lut is None:  # CPU: the reference's float32 ops, in place
-            return x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
-        return self._lut.view(-1)[x.long() + self._lut_base]
+        return self._normalize(frame_u8)
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
