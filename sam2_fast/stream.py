@@ -199,8 +199,9 @@ class StreamingTracker:
         A background thread decodes and resizes up to ``prefetch`` frames ahead while the
         model works. Without a stream yet, the first frame starts one (yielded with no
         objects: prompt it in the loop body). Prompts given between iterations apply to the
-        frame just yielded. A bad frame raises at its position; the tracker stays at the
-        frame before it, and frames read ahead of it are dropped.
+        frame just yielded. A bad frame raises at its position, the tracker stays at the
+        frame before it, and reading stopped there: ``stream(same_iterator)`` resumes after
+        it. Leaving the loop early drops the (at most ``prefetch + 1``) frames read ahead.
         """
         depth = self.prefetch if prefetch is None else prefetch
         if isinstance(frames, (str, bytes)) or hasattr(frames, "__fspath__"):
