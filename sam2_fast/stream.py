@@ -58,6 +58,8 @@ from sam2_fast.video.frames_stream import (
 )
 from sam2_fast.video.state import VideoSession
 
+PREPROCESS_MODES = ("auto", "host", "device")
+
 __all__ = ["StreamingTracker", "StreamNotStartedError", "StreamFrameError", "StreamFrameIndexError"]
 
 
@@ -76,10 +78,15 @@ class StreamingTracker:
     tracker adds no model of its own. ``color``: channel order of numpy / tensor frames
     ("rgb", or "bgr" for cv2). ``prefetch``: frames :meth:`stream` prepares ahead.
     ``offload_state_to_cpu``: keep memories on the CPU, as in ``init_state``.
+    ``preprocess``: "host" (PIL resize on the CPU, as the video predictor) or "device" (the
+    native frame is copied once and resized on the model's device by an exact replay of
+    PIL's resize: the same model input, bitwise, with the host spared the resize); "auto"
+    (default) picks "device" on CUDA and "host" elsewhere (on a CPU the replay, two float64
+    matrix products, is slower than PIL).
     """
 
     def __init__(self, predictor: SAM2VideoPredictor, *, color: str = "rgb", prefetch: int = 2,
-                 offload_state_to_cpu: bool = False) -> None:
+                 offload_state_to_cpu: bool = False, preprocess: str = "auto") -> None:
         if not isinstance(predictor, SAM2VideoPredictor):
             raise TypeError(f"StreamingTracker needs a SAM2VideoPredictor (build_sam2_video_predictor), "
                             f"got {type(predictor).__name__}")
@@ -87,18 +94,24 @@ class StreamingTracker:
             raise ValueError(f"color must be one of {COLOR_ORDERS}, got {color!r}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+        if preprocess == "auto":
+            preprocess = "device" if predictor.device.type == "cuda" else "host"
         self.predictor = predictor
         self.color = color
         self.prefetch = prefetch
         self.offload_state_to_cpu = bool(offload_state_to_cpu)
+        self.preprocess = preprocess
         self._session: Optional[VideoSession] = None
         self._frames: Optional[StreamFrames] = None
 
     @classmethod
     def from_pretrained(cls, model_id: str, *, color: str = "rgb", prefetch: int = 2,
-                        **kwargs: Any) -> "StreamingTracker":
+                        preprocess: str = "auto", **kwargs: Any) -> "StreamingTracker":
         """A tracker with the official weights of ``model_id`` (e.g. facebook/sam2.1-hiera-tiny)."""
-        return cls(SAM2VideoPredictor.from_pretrained(model_id, **kwargs), color=color, prefetch=prefetch)
+        return cls(SAM2VideoPredictor.from_pretrained(model_id, **kwargs), color=color, prefetch=prefetch,
+                   preprocess=preprocess)
 
     # ------------------------------------------------------------------ state
     @property
@@ -148,7 +161,10 @@ class StreamingTracker:
     @torch.inference_mode()
     def load_first_frame(self, frame: Any) -> None:
         """Start a new stream on ``frame`` (frame 0). Objects of a previous stream are forgotten."""
-        self._start(prepare_frame(frame, self.image_size, self.color))
+        self._start(self._prepare(frame))
+
+    def _prepare(self, frame: Any) -> PreparedFrame:
+        return prepare_frame(frame, self.image_size, self.color, on_device=self.preprocess == "device")
 
     def _start(self, first: PreparedFrame) -> None:
         model = self.predictor
@@ -169,7 +185,7 @@ class StreamingTracker:
         self._require()
         idx = self.frame_idx + 1
         try:
-            prepared = prepare_frame(frame, self.image_size, self.color)
+            prepared = self._prepare(frame)
         except StreamFrameError as e:
             raise StreamFrameError(f"frame {idx} rejected: {e}") from e
         return self._advance(prepared)
@@ -207,7 +223,8 @@ class StreamingTracker:
         if isinstance(frames, (str, bytes)) or hasattr(frames, "__fspath__"):
             frames = _pyav_frames(frames)
         pin = self.predictor.device.type == "cuda"
-        reader = FramePrefetcher(frames, self.image_size, self.color, depth=depth, pin=pin)
+        reader = FramePrefetcher(frames, self.image_size, self.color, depth=depth, pin=pin,
+                                 on_device=self.preprocess == "device")
         try:
             for item in reader:
                 idx = self.frame_idx + 1

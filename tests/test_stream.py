@@ -320,3 +320,64 @@ def test_builder_and_package_export():
         StreamingTracker(tracker.predictor, color="grb")
     with pytest.raises(TypeError, match="SAM2VideoPredictor"):
         StreamingTracker(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------- device-side preprocessing
+@pytest.mark.parametrize("h,w,size", [(75, 101, 64), (75, 101, 128), (17, 23, 64), (64, 300, 64), (300, 64, 128),
+                                      (383, 256, 64), (246, 98, 64), (64, 90, 64)])
+def test_device_resize_is_bitwise_pil(h, w, size):
+    """PIL's fixed-point bicubic replayed in float64 (exact), in the pass order PIL uses for
+    the size: the same bytes as the host path on smooth frames and on noise, downscaling and
+    upscaling, one pass or two. The other pass order is not (where both passes run)."""
+    from sam2_fast.video.frames_base import pil_pass_order, resize_u8_on_device
+    from sam2_fast.video.frames_stream import prepare_frame
+
+    order = pil_pass_order(h, w, size)
+    assert order is not None
+    frames = [V.make_clip(1, h, w, seed=2)[0], np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)]
+    for frame in frames:
+        want = prepare_frame(frame, size).pixels
+        got = resize_u8_on_device(torch.from_numpy(frame), size, order)
+        assert torch.equal(got, want), f"{h}x{w}->{size}: max diff {(got.int() - want.int()).abs().max()}"
+    if h != size and w != size:  # planted bug: the other order (the intermediate is rounded)
+        assert not torch.equal(resize_u8_on_device(torch.from_numpy(frames[1]), size, not order),
+                               prepare_frame(frames[1], size).pixels)
+
+
+def test_mutation_device_resize_rounding_is_caught(monkeypatch):
+    """Planted bug: PIL's rounding offset (+2^21 before the shift) left out."""
+    import sam2_fast.video.frames_base as B
+    from sam2_fast.video.frames_stream import prepare_frame
+
+    monkeypatch.setattr(B, "_pil_round", lambda acc: torch.floor(acc / (1 << B._PIL_PRECISION_BITS)).clamp_(0, 255))
+    frame = np.random.default_rng(0).integers(0, 256, (75, 101, 3), np.uint8)
+    assert not any(torch.equal(B.resize_u8_on_device(torch.from_numpy(frame), 64, order),
+                               prepare_frame(frame, 64).pixels) for order in (True, False))
+
+
+def test_device_resize_falls_back_to_the_host_when_pil_cannot_be_matched(monkeypatch):
+    import sam2_fast.video.frames_stream as FS
+
+    monkeypatch.setattr(FS, "pil_pass_order", lambda *a: None)
+    frame = V.make_clip(1, 75, 101, seed=3)[0]
+    store = FS.StreamFrames(64, 75, 101, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="resizing on the host instead"):
+        store.put(0, FS.prepare_frame(frame, 64, on_device=True))
+    host = FS.StreamFrames(64, 75, 101, torch.device("cpu"))
+    host.put(0, FS.prepare_frame(frame, 64))
+    assert torch.equal(store[0], host[0])
+
+
+def test_device_preprocessing_stream_equals_host(predictor, clip):
+    from sam2_fast.stream import StreamingTracker
+
+    runs = {}
+    for mode in ("host", "device"):
+        tracker = StreamingTracker(predictor, preprocess=mode)
+        tracker.load_first_frame(torch.from_numpy(clip[0]))
+        masks = [tracker.add_new_prompt(0, 1, points=[[30, 35]], labels=[1])[2]]
+        masks += [tracker.track(Image.fromarray(clip[t]) if t % 2 else clip[t])[1] for t in range(1, 5)]
+        runs[mode] = masks
+    assert all(torch.equal(a, b) for a, b in zip(runs["host"], runs["device"]))
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        StreamingTracker(predictor, preprocess="gpu")

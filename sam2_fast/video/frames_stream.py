@@ -9,20 +9,29 @@
   prepares them while the model works on the current frame (bounded queue; on CUDA the
   uint8 frames land in a ring of pinned host buffers so the copy to the GPU is async).
 * :class:`StreamFrames` is the session's ``images``: it holds only the current frame.
+
+Device-side preprocessing (``on_device=True``, off by default): the host only checks and
+converts the frame to an (H, W, 3) uint8 tensor; it is copied to the device once and resized
+there (:func:`~sam2_fast.video.frames_base.resize_u8_on_device`: PIL's fixed-point bicubic
+replayed exactly in float64, in the pass order this PIL uses for the frame size), so the
+model input is bitwise the host path's while the host skips the PIL resize (~26 ms per 480p
+and ~52 ms per 1080p frame on one of our CPU cores; see benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
 from sam2_fast.utils.transforms import IMAGENET_MEAN, IMAGENET_STD, check_hwc_uint8
-from sam2_fast.video.frames_base import Normalizer, resize_u8
+from sam2_fast.video.frames_base import Normalizer, pil_pass_order, resize_u8, resize_u8_on_device
 from sam2_fast.video.frames_decode import array_to_pil
 from sam2_fast.video.frames_errors import FrameSourceError
 
@@ -39,16 +48,13 @@ class PreparedFrame:
 
     height: int
     width: int
-    pixels: torch.Tensor  # (3, S, S) uint8, pinned on CUDA streams
+    pixels: torch.Tensor  # (3, S, S) uint8 resized, or (H, W, 3) uint8 to resize on the device
     release: Optional[Any] = None  # hands a pinned ring buffer back (after its copy is done)
+    resized: bool = True  # False: ``pixels`` is the native RGB frame (device-side preprocessing)
 
 
-def _to_pil(frame: Any, color: str) -> Image.Image:
-    """Any supported frame -> RGB PIL image, with a clear error for anything else."""
-    if isinstance(frame, Image.Image):
-        return frame.convert("RGB")
-    if hasattr(frame, "to_image") and not hasattr(frame, "shape"):  # PyAV VideoFrame
-        return frame.to_image()  # rgb24 via swscale, as the video predictor decodes files
+def _checked_array(frame: Any) -> Any:
+    """A numpy array / torch tensor frame as HWC (CHW tensors are permuted), checked."""
     if not hasattr(frame, "shape") or not hasattr(frame, "dtype"):
         raise StreamFrameError(
             f"a frame must be an HWC uint8 numpy array or torch tensor, a PIL image or a PyAV "
@@ -58,16 +64,56 @@ def _to_pil(frame: Any, color: str) -> Image.Image:
         frame = frame.permute(1, 2, 0)  # CHW tensor (torchvision's layout) -> HWC
         shape = tuple(int(s) for s in frame.shape)
     check_hwc_uint8(shape, frame.dtype, what="frame", error=StreamFrameError)
-    if color == "bgr" and len(shape) == 3 and shape[2] >= 3:  # cv2 frames: BGR(A) -> RGB(A)
-        frame = frame[..., [2, 1, 0] + list(range(3, shape[2]))]
-    return array_to_pil(frame)
+    return frame
 
 
-def prepare_frame(frame: Any, image_size: int, color: str = "rgb") -> PreparedFrame:
-    """One frame -> :class:`PreparedFrame` (raises :class:`StreamFrameError` naming the problem)."""
+def _bgr_to_rgb(frame: Any) -> Any:
+    shape = tuple(frame.shape)
+    if len(shape) == 3 and shape[2] >= 3:  # cv2 frames: BGR(A) -> RGB(A)
+        return frame[..., [2, 1, 0] + list(range(3, shape[2]))]
+    return frame
+
+
+def _is_pyav(frame: Any) -> bool:
+    return hasattr(frame, "to_image") and not hasattr(frame, "shape")
+
+
+def _to_pil(frame: Any, color: str) -> Image.Image:
+    """Any supported frame -> RGB PIL image, with a clear error for anything else."""
+    if isinstance(frame, Image.Image):
+        return frame.convert("RGB")
+    if _is_pyav(frame):
+        return frame.to_image()  # rgb24 via swscale, as the video predictor decodes files
+    frame = _checked_array(frame)
+    return array_to_pil(_bgr_to_rgb(frame) if color == "bgr" else frame)
+
+
+def _to_rgb_tensor(frame: Any, color: str) -> torch.Tensor:
+    """Any supported frame -> (H, W, 3) uint8 CPU tensor, without a PIL round trip for RGB
+    arrays (the point of device-side preprocessing is to leave the host nearly idle)."""
+    if _is_pyav(frame):
+        return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+    if not isinstance(frame, Image.Image):
+        frame = _checked_array(frame)
+        if len(frame.shape) == 3 and frame.shape[2] == 3:
+            if color == "bgr":
+                frame = _bgr_to_rgb(frame)
+            if isinstance(frame, torch.Tensor):
+                return frame.detach().cpu().contiguous()
+            return torch.from_numpy(np.ascontiguousarray(frame))
+    return torch.from_numpy(np.asarray(_to_pil(frame, color)))  # grayscale / RGBA / PIL
+
+
+def prepare_frame(frame: Any, image_size: int, color: str = "rgb", on_device: bool = False) -> PreparedFrame:
+    """One frame -> :class:`PreparedFrame` (raises :class:`StreamFrameError` naming the problem).
+
+    ``on_device``: skip the host resize; the frame is resized where it is normalised."""
     if color not in COLOR_ORDERS:
         raise ValueError(f"color must be one of {COLOR_ORDERS}, got {color!r}")
     try:
+        if on_device:
+            rgb = _to_rgb_tensor(frame, color)
+            return PreparedFrame(height=rgb.shape[0], width=rgb.shape[1], pixels=rgb, resized=False)
         pil = _to_pil(frame, color)
     except StreamFrameError:
         raise
@@ -88,16 +134,16 @@ _DONE = object()
 
 
 class _PinnedRing:
-    """Pinned (3, S, S) uint8 host buffers reused round-robin (pinning per frame costs more
-    than the copy). A buffer comes back once the GPU copy that read it has finished."""
+    """Pinned uint8 host buffers reused round-robin (pinning per frame costs more than the
+    copy). A buffer comes back once the GPU copy that read it has finished. Buffers have
+    the shape of the frames they carry; one of another shape is replaced."""
 
-    def __init__(self, count: int, image_size: int) -> None:
-        self._free: "queue.Queue[tuple[torch.Tensor, Optional[torch.cuda.Event]]]" = queue.Queue()
+    def __init__(self, count: int) -> None:
+        self._free: "queue.Queue[tuple[Optional[torch.Tensor], Optional[torch.cuda.Event]]]" = queue.Queue()
         for _ in range(count):
-            buf = torch.empty(3, image_size, image_size, dtype=torch.uint8).pin_memory()
-            self._free.put((buf, None))
+            self._free.put((None, None))
 
-    def take(self, stop: threading.Event) -> Optional[torch.Tensor]:
+    def take(self, shape: Sequence[int], stop: threading.Event) -> Optional[torch.Tensor]:
         while not stop.is_set():
             try:
                 buf, event = self._free.get(timeout=0.1)
@@ -105,6 +151,8 @@ class _PinnedRing:
                 continue
             if event is not None:
                 event.synchronize()  # the previous frame's copy out of this buffer is done
+            if buf is None or tuple(buf.shape) != tuple(shape):
+                buf = torch.empty(tuple(shape), dtype=torch.uint8).pin_memory()
             return buf
         return None
 
@@ -126,7 +174,7 @@ class FramePrefetcher:
     """
 
     def __init__(self, frames: Iterable[Any], image_size: int, color: str, depth: int = 2,
-                 pin: bool = False) -> None:
+                 pin: bool = False, on_device: bool = False) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         if color not in COLOR_ORDERS:
@@ -135,11 +183,11 @@ class FramePrefetcher:
             self._source = iter(frames)
         except TypeError:
             raise StreamFrameError(f"frames must be an iterable of frames, got {type(frames).__name__}") from None
-        self._image_size, self._color = int(image_size), color
+        self._image_size, self._color, self._on_device = int(image_size), color, bool(on_device)
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         # depth queued + one being prepared + one in use by the consumer
-        self._ring = _PinnedRing(depth + 2, self._image_size) if pin else None
+        self._ring = _PinnedRing(depth + 2) if pin else None
         self._thread = threading.Thread(target=self._run, daemon=True, name="sam2_fast-stream")
         self._thread.start()
 
@@ -158,16 +206,16 @@ class FramePrefetcher:
                 if self._stop.is_set():
                     return
                 try:
-                    item: Any = prepare_frame(frame, self._image_size, self._color)
+                    item: Any = prepare_frame(frame, self._image_size, self._color, self._on_device)
                 except StreamFrameError as e:
                     self._put(_Failed(e))
                     return
                 if self._ring is not None:
-                    buf = self._ring.take(self._stop)
+                    buf = self._ring.take(item.pixels.shape, self._stop)
                     if buf is None:
                         return
                     buf.copy_(item.pixels)
-                    item = PreparedFrame(item.height, item.width, buf, self._ring.releaser(buf))
+                    item = PreparedFrame(item.height, item.width, buf, self._ring.releaser(buf), item.resized)
                 if not self._put(item):
                     return
         except BaseException as e:  # the user's iterator failed (camera gone, decode error)
@@ -213,6 +261,7 @@ class StreamFrames:
         self._normalize = Normalizer(self.device, mean, std)
         self._idx = -1
         self._frame: Optional[torch.Tensor] = None  # (3, S, S) float32 on device
+        self._warned = False
 
     def check(self, frame: PreparedFrame, idx: int) -> None:
         if (frame.height, frame.width) != (self.video_height, self.video_width):
@@ -224,10 +273,26 @@ class StreamFrames:
     def put(self, idx: int, frame: PreparedFrame) -> None:
         """Make ``frame`` the current frame ``idx`` (normalised now; the uint8 input is let go)."""
         self.check(frame, idx)
-        normalized = self._normalize(frame.pixels)
+        pixels = frame.pixels
+        if not frame.resized:
+            pixels = self._resize_native(pixels)
+        normalized = self._normalize(pixels)
         if frame.release is not None:
             frame.release()
         self._idx, self._frame = idx, normalized
+
+    def _resize_native(self, hwc: torch.Tensor) -> torch.Tensor:
+        """Device-side preprocessing: one copy of the native frame, resized where it lands,
+        in PIL's pass order for this size (bitwise the host path); if this PIL's order
+        cannot be matched, the host path (with a warning, once)."""
+        order = pil_pass_order(self.video_height, self.video_width, self.image_size, str(self.device))
+        if order is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn("device-side preprocessing cannot reproduce this PIL's resize for "
+                              f"{self.video_width}x{self.video_height} frames; resizing on the host instead")
+            return resize_u8(array_to_pil(hwc), self.image_size)
+        return resize_u8_on_device(hwc.to(self.device, non_blocking=True), self.image_size, order)
 
     @property
     def current(self) -> int:
