@@ -101,7 +101,7 @@ def _to_rgb_tensor(frame: Any, color: str) -> torch.Tensor:
             if isinstance(frame, torch.Tensor):
                 return frame.detach().cpu().contiguous()
             return torch.from_numpy(np.ascontiguousarray(frame))
-    return torch.from_numpy(np.asarray(_to_pil(frame, color)))  # grayscale / RGBA / PIL
+    return torch.from_numpy(np.array(_to_pil(frame, color)))  # grayscale / RGBA / PIL (a writable copy)
 
 
 def prepare_frame(frame: Any, image_size: int, color: str = "rgb", on_device: bool = False) -> PreparedFrame:
@@ -235,8 +235,11 @@ class FramePrefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10.0)
+        try:
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=10.0)
+        except Exception:  # interpreter shutdown: module globals may be gone; the thread is a daemon
+            pass
 
     def __del__(self) -> None:
         try:
