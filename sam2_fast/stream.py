@@ -303,21 +303,28 @@ class StreamingTracker:
 
 
 def _pyav_frames(path: Any) -> Iterator[Any]:
-    """Frames of a video file or URL (RTSP, HTTP, ...) decoded in order with PyAV."""
+    """Frames of a video file or URL (RTSP, HTTP, ...) decoded in order with PyAV. The
+    container is opened here, so a bad path fails at once with its own message."""
     import io
 
     import av
 
     source = io.BytesIO(path) if isinstance(path, bytes) else path
+    label = "<bytes>" if isinstance(path, bytes) else repr(str(path))
     try:
         container = av.open(source)
     except Exception as e:
-        raise StreamFrameError(f"cannot open video {path!r}: {type(e).__name__}: {e}") from e
-    try:
-        if not container.streams.video:
-            raise StreamFrameError(f"video {path!r} has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        yield from container.decode(stream)
-    finally:
+        raise StreamFrameError(f"cannot open video {label}: {type(e).__name__}: {e}") from e
+    if not container.streams.video:
         container.close()
+        raise StreamFrameError(f"video {label} has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+
+    def decode() -> Iterator[Any]:
+        try:
+            yield from container.decode(stream)
+        finally:
+            container.close()
+
+    return decode()

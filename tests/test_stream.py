@@ -284,6 +284,11 @@ def test_stream_reads_a_video_path(predictor, tmp_path, clip):
     by_track = [b.track(fr)[1] for fr in frames[1:]]
     assert len(from_path) == 4 and a.frame_idx == 3
     assert all(torch.equal(x, y) for x, y in zip(from_path[1:], by_track))
+    from sam2_fast.stream import StreamFrameError
+
+    with pytest.raises(StreamFrameError, match="cannot open video .*nope.mp4"):
+        next(iter(b.stream(str(tmp_path / "nope.mp4"))))
+    assert b.frame_idx == 3
 
 
 # ---------------------------------------------------------------------- background reading

@@ -98,8 +98,8 @@ def _to_rgb_tensor(frame: Any, color: str) -> torch.Tensor:
         if len(frame.shape) == 3 and frame.shape[2] == 3:
             if color == "bgr":
                 frame = _bgr_to_rgb(frame)
-            if isinstance(frame, torch.Tensor):
-                return frame.detach().cpu().contiguous()
+            if isinstance(frame, torch.Tensor):  # a GPU-decoded frame stays where it is
+                return frame.detach().contiguous()
             return torch.from_numpy(np.ascontiguousarray(frame))
     return torch.from_numpy(np.array(_to_pil(frame, color)))  # grayscale / RGBA / PIL (a writable copy)
 
@@ -210,7 +210,7 @@ class FramePrefetcher:
                 except StreamFrameError as e:
                     self._put(_Failed(e))
                     return
-                if self._ring is not None:
+                if self._ring is not None and item.pixels.device.type == "cpu":
                     buf = self._ring.take(item.pixels.shape, self._stop)
                     if buf is None:
                         return
