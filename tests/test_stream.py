@@ -152,6 +152,23 @@ def test_mutation_pruning_pointers_too_early_is_caught(monkeypatch, predictor, c
     assert any(not torch.equal(tracked[f][1], exp_tracked[f][1]) for f in range(1, NUM_FRAMES))
 
 
+def test_stream_equals_video_predictor_under_the_fast_runtime(predictor, clip):
+    """One model, one step: with ``enable_fast_runtime`` (on CPU: the static memory bank)
+    the stream still gives exactly the video predictor's masks under the same runtime."""
+    from sam2_fast.runtime import disable_fast_runtime, enable_fast_runtime
+
+    enable_fast_runtime(predictor)
+    try:
+        _, tracked, prompted = _run_stream(predictor, clip)
+        exp_tracked, exp_prompted = _run_video(predictor, clip)
+        assert predictor.runtime_info["counters"]["bank_calls"] > 0, "the static bank did not run"
+    finally:
+        disable_fast_runtime(predictor)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(prompted, exp_prompted))
+    for f in range(1, NUM_FRAMES):
+        assert torch.equal(tracked[f][1], exp_tracked[f][1]), f"frame {f} differs under the fast runtime"
+
+
 # ---------------------------------------------------------------------- bad input
 def _clean(predictor, clip, n=6):
     from sam2_fast.stream import StreamingTracker
