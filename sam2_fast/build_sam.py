@@ -127,6 +127,35 @@ def build_sam2_video_predictor(
     return predictor
 
 
+def build_sam2_camera_predictor(
+    config_file,
+    ckpt_path=None,
+    device="cuda",
+    mode="eval",
+    hydra_overrides_extra=(),
+    apply_postprocessing=True,
+    vos_optimized=False,
+    *,
+    color="rgb",
+    prefetch=2,
+    preprocess="auto",
+    **kwargs,
+):
+    """A live-stream tracker (:class:`sam2_fast.stream.StreamingTracker`), with the calls of
+    the real-time fork's camera predictor: ``load_first_frame``, ``add_new_prompt``, ``track``.
+
+    It wraps the video predictor these arguments build (same model, same per-frame step).
+    ``color="bgr"`` for cv2 frames; ``prefetch``: frames ``tracker.stream`` prepares ahead;
+    ``preprocess``: where frames are resized ("auto": on the model's device on CUDA, exactly
+    as PIL on the host would; see ``StreamingTracker``).
+    """
+    from .stream import StreamingTracker
+
+    predictor = build_sam2_video_predictor(config_file, ckpt_path, device, mode, hydra_overrides_extra,
+                                           apply_postprocessing, vos_optimized, **kwargs)
+    return StreamingTracker(predictor, color=color, prefetch=prefetch, preprocess=preprocess)
+
+
 def _enable_fast_runtime(predictor):
     try:
         from .runtime import enable_fast_runtime

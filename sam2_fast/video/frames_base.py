@@ -11,8 +11,9 @@ Preprocessing (shared by every source, so all of them have the reference's numer
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,127 @@ def resize_u8(pil_rgb: Any, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(planes))
 
 
+# PIL's 8-bit resampling (Resample.c): filter weights in double, rounded to fixed point with
+# 22 fractional bits, accumulated in integers with a rounding offset, clipped to 0..255 after
+# each of the two separable passes (horizontal first).
+_PIL_PRECISION_BITS = 22
+
+
+def _pil_bicubic(x: float) -> float:
+    a = -0.5  # PIL's bicubic (its default filter for ``Image.resize``)
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@functools.lru_cache(maxsize=8)
+def _pil_weights_cpu(in_size: int, out_size: int) -> torch.Tensor:
+    """(out, in) float64 holding PIL's integer resampling weights (``precompute_coeffs``
+    then ``normalize_coeffs_8bpc``), the same double operations in the same order."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ss = 1.0 / filterscale
+    rows = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)  # int(): C's truncating cast
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        ws = [_pil_bicubic((x + xmin - center + 0.5) * ss) for x in range(xmax)]
+        ww = 0.0
+        for w in ws:
+            ww += w
+        if ww != 0.0:
+            ws = [w / ww for w in ws]
+        one = 1 << _PIL_PRECISION_BITS
+        rows[xx, xmin:xmin + xmax] = torch.tensor(
+            [int(-0.5 + w * one) if w < 0 else int(0.5 + w * one) for w in ws], dtype=torch.float64)
+    return rows
+
+
+_pil_weights_dev: "dict[tuple[int, int, str], torch.Tensor]" = {}
+
+
+def _pil_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    key = (in_size, out_size, str(device))
+    w = _pil_weights_dev.get(key)
+    if w is None:
+        if len(_pil_weights_dev) >= 8:
+            _pil_weights_dev.clear()
+        w = _pil_weights_dev[key] = _pil_weights_cpu(in_size, out_size).to(device)
+    return w
+
+
+def _pil_round(acc: torch.Tensor) -> torch.Tensor:
+    # clip8(ss): (ss + 2^21) >> 22, clamped to 0..255; exact: acc holds integers < 2^53
+    half = float(1 << (_PIL_PRECISION_BITS - 1))
+    return torch.floor((acc + half) * (1.0 / (1 << _PIL_PRECISION_BITS))).clamp_(0, 255)
+
+
+def resize_u8_on_device(hwc_u8: torch.Tensor, size: int, horizontal_first: bool = True) -> torch.Tensor:
+    """(H, W, 3) uint8 on any device -> (3, S, S) uint8 on that device, bitwise what
+    ``resize_u8`` (PIL's default bicubic ``resize``) gives, without the host resize.
+
+    PIL's fixed-point arithmetic is replayed in float64 as two matrix products with its
+    integer weights: every product and partial sum is an integer below 2^36, so float64 is
+    exact whatever the summation order (fp64 GEMM has no reduced-precision mode). The order
+    of the two passes matters (the intermediate is rounded to uint8) and PIL's choice
+    depends on its version and the sizes: :func:`pil_pass_order` finds it.
+    """
+    h, w = int(hwc_u8.shape[0]), int(hwc_u8.shape[1])
+    x = hwc_u8.permute(2, 0, 1).to(torch.float64)  # (3, H, W)
+
+    def horizontal(x: torch.Tensor) -> torch.Tensor:  # a pass runs only when its size changes
+        return x if w == size else _pil_round(x @ _pil_weights(w, size, x.device).T)  # (3, rows, S)
+
+    def vertical(x: torch.Tensor) -> torch.Tensor:
+        return x if h == size else _pil_round(_pil_weights(h, size, x.device) @ x)  # (3, S, cols)
+
+    x = vertical(horizontal(x)) if horizontal_first else horizontal(vertical(x))
+    return x.to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def pil_pass_order(height: int, width: int, size: int, device: str = "cpu") -> Optional[bool]:
+    """Which pass this PIL runs first for (height, width) -> (size, size): True horizontal,
+    False vertical, None if neither replay is bitwise PIL (then use the host path).
+
+    Found once per size by resizing a noise probe both ways and with PIL (on noise the two
+    orders always differ somewhere; one PIL resize, ~50 ms for a 1080p frame)."""
+    from PIL import Image
+
+    probe = np.random.default_rng(height * 100_003 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    want = resize_u8(Image.fromarray(probe), size).to(device)
+    x = torch.from_numpy(probe).to(device)
+    for horizontal_first in (True, False):
+        if torch.equal(resize_u8_on_device(x, size, horizontal_first), want):
+            return horizontal_first
+    return None
+
+
+class Normalizer:
+    """(3, S, S) uint8 -> (3, S, S) float32 on ``device``, ImageNet-normalised, bitwise the
+    reference's ``(x / 255 - mean) / std`` (shared by every frame source and the stream)."""
+
+    def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.device = torch.device(device)
+        self._mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        # Off the CPU a float ``x / 255`` may become ``x * (1/255)`` (not bitwise the
+        # reference), so there we look the normalised values up in a table instead.
+        self._lut = None if self.device.type == "cpu" else normalize_lut(mean, std).to(self.device)
+        self._lut_base = (torch.arange(3, device=self.device) * 256)[:, None, None]
+
+    def __call__(self, frame_u8: torch.Tensor) -> torch.Tensor:
+        x = frame_u8.to(self.device, non_blocking=True)
+        if self._lut is None:  # CPU: the reference's float32 ops, in place
+            return x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
+        return self._lut.view(-1)[x.long() + self._lut_base]
+
+
 class FrameSource:
     """Indexable video: ``len(src)``, ``src[idx] -> (3, S, S) float32``, ``src.close()``.
 
@@ -62,12 +184,7 @@ class FrameSource:
         self.video_height = int(decoder.height)
         self.video_width = int(decoder.width)
         self.device = device
-        self._mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        self._std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-        # Off the CPU a float ``x / 255`` may become ``x * (1/255)`` (not bitwise the
-        # reference), so there we look the normalised values up in a table instead.
-        self._lut = None if device.type == "cpu" else normalize_lut(mean, std).to(device)
-        self._lut_base = (torch.arange(3, device=device) * 256)[:, None, None]
+        self._normalize = Normalizer(device, mean, std)
         # Video decoders are stateful: one walker at a time. Folders and arrays are not.
         self._decode_lock: Any = (contextlib.nullcontext() if getattr(decoder, "thread_safe", False)
                                   else threading.Lock())
@@ -130,10 +247,7 @@ class FrameSource:
 
     def normalize(self, frame_u8: torch.Tensor) -> torch.Tensor:
         """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised."""
-        x = frame_u8.to(self.device, non_blocking=True)
-        if self._lut is None:  # CPU: the reference's float32 ops, in place
-            return x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
-        return self._lut.view(-1)[x.long() + self._lut_base]
+        return self._normalize(frame_u8)
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -146,14 +146,19 @@ class ArrayDecoder(Decoder):
         yield idx, self.frames[idx]
 
     def to_pil(self, idx: int, raw: Any) -> Image.Image:
-        if hasattr(raw, "detach"):  # torch tensor
-            raw = raw.detach().cpu().numpy()
-        arr = np.ascontiguousarray(raw)
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
-        # Same route as a JPEG frame: a PIL image converted to RGB (L replicates, RGBA drops alpha).
-        return Image.fromarray(arr, mode=mode).convert("RGB")
+        return array_to_pil(raw)
+
+
+def array_to_pil(raw: Any) -> Image.Image:
+    """A checked HWC (or HW) uint8 numpy array / torch tensor -> RGB PIL image."""
+    if hasattr(raw, "detach"):  # torch tensor
+        raw = raw.detach().cpu().numpy()
+    arr = np.ascontiguousarray(raw)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    mode = "L" if arr.ndim == 2 else ("RGB" if arr.shape[2] == 3 else "RGBA")
+    # Same route as a JPEG frame: a PIL image converted to RGB (L replicates, RGBA drops alpha).
+    return Image.fromarray(arr, mode=mode).convert("RGB")
 
 
 # --------------------------------------------------------------------------- video file

@@ -30,9 +30,10 @@ def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is
     if point_inputs is not None and mask_inputs is not None:
         raise ValueError("a frame takes either clicks or a mask for one object, not both")
     _, _, feats, pos, sizes = O.frame_features(model, session, frame_idx, batch_size=1)
+    num_frames = None if session.open_ended else session.num_frames
     # positional, in track_step's own order: frame, its role, features, prompts, memory bank
     out = model.track_step(frame_idx, is_init_cond_frame, feats, pos, sizes, point_inputs, mask_inputs,
-                           obj.outputs, session.num_frames, reverse, run_mem_encoder, prev_sam_mask_logits)
+                           obj.outputs, num_frames, reverse, run_mem_encoder, prev_sam_mask_logits)
     return O.compact_output(model, session, out)
 
 
@@ -50,7 +51,7 @@ def encode_memory(model, session: VideoSession, frame_idx: int, masks_high_res: 
     return O.store_memory(session, features), O.shared_pos_enc(session, pos_enc)
 
 
-def _clears_around_input(model, session: VideoSession) -> bool:
+def clears_around_input(model, session: VideoSession) -> bool:
     # stale neighbours are only dropped for single-object sessions unless asked for all
     return bool(model.clear_non_cond_mem_around_input) and (
         bool(model.clear_non_cond_mem_for_multi_obj) or session.num_objects <= 1)
@@ -75,7 +76,7 @@ def preflight(model, session: VideoSession) -> None:
             raise RuntimeError(f"No input points or masks are provided for object id {obj.obj_id}; "
                                f"please add inputs first.")
     image_hw = (model.image_size, model.image_size)
-    clear = _clears_around_input(model, session)
+    clear = clears_around_input(model, session)
     for obj in session.objects:
         for key in (NON_COND, COND):
             for frame_idx, out in obj.pending[key].items():
@@ -166,27 +167,40 @@ def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = Non
     obj_ids = session.obj_ids
     order = frame_order(session, start_frame_idx, max_frame_num_to_track, reverse)
     prune = session.keep_outputs == "reachable" and not reverse
-    clear = _clears_around_input(model, session)
+    clear = clears_around_input(model, session)
     for frame_idx in tqdm(order, desc="propagate in video", disable=not progress):
         _check_objects_kept(session, objects)
-        per_obj: List[Tensor] = []
-        for obj in objects:
-            prompted = obj.outputs[COND].get(frame_idx)
-            if prompted is not None:
-                # prompted frames already hold their final output (objects may differ in
-                # their number of clicks, so they are not re-run)
-                masks = prompted["pred_masks"].to(session.device, non_blocking=True)
-                if clear:
-                    clear_non_cond_around(model, obj, frame_idx)
-            else:
-                out, masks = run_frame(model, session, obj, frame_idx, is_init_cond_frame=False,
-                                       point_inputs=None, mask_inputs=None, reverse=reverse,
-                                       run_mem_encoder=True)
-                obj.outputs[NON_COND][frame_idx] = out
-            obj.tracked[frame_idx] = {"reverse": reverse}
-            per_obj.append(masks)
-        stacked = per_obj[0] if len(per_obj) == 1 else torch.cat(per_obj, dim=0)  # (num_obj, 1, h, w)
+        stacked = track_frame(model, session, frame_idx, reverse, clear, objects)
         video_masks = O.video_res_output(model, session, stacked)
         if prune:
             drop_unreachable(model, session, frame_idx + 1)
         yield frame_idx, obj_ids, video_masks
+
+
+def track_frame(model, session: VideoSession, frame_idx: int, reverse: bool, clear: bool,
+                objects: Optional[List] = None) -> Tensor:
+    """The per-frame step of every front end (video predictor, streaming tracker).
+
+    Tracks every object on ``frame_idx`` from its memories (objects prompted on this frame
+    keep their stored output), stores the outputs and marks the frame tracked. ``clear``:
+    forget tracked memories around prompted frames (see :func:`clears_around_input`).
+    ``objects``: the objects of this propagation (default: the session's current ones).
+    Returns the low-res mask logits of all objects, (num_objects, 1, S/4, S/4).
+    """
+    per_obj: List[Tensor] = []
+    for obj in (session.objects if objects is None else objects):
+        prompted = obj.outputs[COND].get(frame_idx)
+        if prompted is not None:
+            # prompted frames already hold their final output (objects may differ in
+            # their number of clicks, so they are not re-run)
+            masks = prompted["pred_masks"].to(session.device, non_blocking=True)
+            if clear:
+                clear_non_cond_around(model, obj, frame_idx)
+        else:
+            out, masks = run_frame(model, session, obj, frame_idx, is_init_cond_frame=False,
+                                   point_inputs=None, mask_inputs=None, reverse=reverse,
+                                   run_mem_encoder=True)
+            obj.outputs[NON_COND][frame_idx] = out
+        obj.tracked[frame_idx] = {"reverse": reverse}
+        per_obj.append(masks)
+    return per_obj[0] if len(per_obj) == 1 else torch.cat(per_obj, dim=0)  # (num_obj, 1, h, w)

@@ -118,6 +118,10 @@ class VideoSession(Mapping):
     offload_video_to_cpu: bool = False
     offload_state_to_cpu: bool = False
     keep_outputs: str = "all"
+    # a live stream: ``num_frames`` counts the frames seen so far and more will come, so the
+    # model is told the length is unknown (``track_step(num_frames=None)``), which for forward
+    # tracking is what a video of >= max_obj_ptrs_in_encoder frames gives
+    open_ended: bool = False
     objects: List[ObjectTrack] = field(default_factory=list)  # index == model-side slot
     # backbone features of the most recently visited frame: (frame_idx, image, backbone_out)
     cached_frame: Optional[Tuple[int, Tensor, Dict[str, Any]]] = None
