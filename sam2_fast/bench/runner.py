@@ -169,6 +169,9 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
                               "autocast": str(row.autocast).replace("torch.", "") if row.autocast else None,
                               "tf32": row.tf32, "vos_optimized": row.vos_optimized, "env": dict(row.env)}
     cuda = device.type == "cuda"
+    import sys
+    if "sam2_fast.kernels.dispatch" in sys.modules:  # per-row kernel/backend counts
+        sys.modules["sam2_fast.kernels.dispatch"].reset_launch_counts()
     # Dynamo keeps compiled entries per code object, and every row builds the same classes:
     # without a reset, later rows would hit the recompile limit and silently run eager.
     torch._dynamo.reset()
@@ -225,6 +228,11 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
     info = getattr(predictor, "runtime_info", None)
     if info is not None:
         res["runtime_info"] = info  # what the fast runtime enabled, skipped and counted
+    backends = _kernel_backends()
+    if backends:
+        res["kernel_backends"] = backends
+        for line in backends["lines"]:
+            print(f"    backend {line}", flush=True)
     res["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     res["peak_host_mib"] = max(rss)
     res["status"] = "ok"
@@ -232,6 +240,20 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
     del predictor, state
     gc.collect()
     return res
+
+
+def _kernel_backends() -> dict:
+    """Which implementation each kernel slot ran (selection layer), with measured times."""
+    import sys
+    mod = sys.modules.get("sam2_fast.kernels.dispatch")
+    if mod is None:
+        return {}
+    counts, choices = mod.backend_counts(), mod.backend_choices()
+    lines = [f"{name}: {n} calls" for name, n in sorted(counts.items())]
+    for key, entry in sorted(choices.items()):
+        times = ", ".join(f"{c} {t:.0f}us" for c, t in sorted(entry.get("times_us", {}).items(), key=lambda x: x[1]))
+        lines.append(f"{key} -> {entry.get('choice')} ({times})")
+    return {"counts": counts, "choices": choices, "lines": lines}
 
 
 COMPILE_RESERVE_S = 150.0  # a compiling row is not started with less time than this left
