@@ -109,6 +109,9 @@ def our_rows(device: torch.device) -> List[RowSpec]:
         RowSpec("eager-fp32", "ours", "ours eager fp32", env=dict(all_off)),
         RowSpec("bf16", "ours", "ours eager, runtime bf16 autocast + TF32", dtype="bf16", slow_on_cpu=True,
                 env=dict(all_off), runtime=_knobs(compile=False), check=runtime_check),
+        RowSpec("bf16-kernels", "ours", "ours eager bf16 + every kernel slot (selection layer picks per card)",
+                dtype="bf16", needs_cuda=True, env=kernel_env(KERNEL_ORDER), runtime=_knobs(compile=False),
+                check=runtime_check),
         RowSpec("compile", "ours", "ours bf16 + torch.compile, kernels off", dtype="bf16", compiles=True,
                 env=dict(all_off), runtime=_knobs(compile=True), check=runtime_check),
     ]
