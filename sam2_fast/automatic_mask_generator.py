@@ -235,7 +235,8 @@ class SAM2AutomaticMaskGenerator:
         """The image predictor's decode for (B, 1, 2) model-frame clicks: (B, C, H, W)
         logits at crop size, (B, C) predicted IoU, (B, C, h, w) low-res logits (clamped)."""
         prompts = Prompts(coords=coords, labels=labels, boxes=None, mask=mask_input)
-        return self.predictor._predict(prompts, multimask, return_logits=True)
+        feats, orig_hw = self.predictor._ready_state("set_image")
+        return self.predictor._predict(prompts, multimask, True, feats, orig_hw[-1])
 
     def _process_batch(self, points: np.ndarray, im_size: Tuple[int, ...], crop_box: List[int],
                        orig_size: Tuple[int, ...], normalize: bool = False) -> A.MaskData:

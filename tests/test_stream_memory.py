@@ -68,12 +68,19 @@ def _frame(t: int) -> np.ndarray:
     return frame
 
 
+def _is_tensor(obj) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:  # a weakref.proxy whose referent is gone (the session's frame view)
+        return False
+
+
 def _live_tensor_bytes() -> int:
     """Bytes of the distinct tensor storages reachable from Python (model weights included)."""
     seen, total = set(), 0
     with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
         warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        tensors = [obj for obj in gc.get_objects() if _is_tensor(obj)]
     for obj in tensors:
         if not obj.is_meta:
             storage = obj.untyped_storage()
