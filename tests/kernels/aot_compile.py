@@ -54,7 +54,8 @@ class Variant:
         return self.kernel.fn.__name__.strip("_")
 
     def constexpr(self, name: str):
-        return self.constexprs.get((self.kernel.arg_names.index(name),))
+        names = self.kernel.arg_names
+        return self.constexprs.get((names.index(name),)) if name in names else None
 
     def key(self) -> tuple:
         return (self.kernel.fn.__qualname__, tuple(self.signature.items()),

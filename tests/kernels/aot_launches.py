@@ -38,8 +38,11 @@ META = torch.device("meta")
 CARDS = {80: 108, 86: 82, 89: 58, 90: 132}
 IMAGE_SIZE = 1024  # SAM 2's input side: 64x64 image tokens, 256x256 low-res masks
 TOKENS = (IMAGE_SIZE // 16) ** 2  # 4096 memory / query tokens per frame
-HALF = (torch.float16, torch.bfloat16)
-ALL = (torch.float32,) + HALF
+
+
+def _dtypes(configs, at: int) -> Tuple[torch.dtype, ...]:
+    """The dtypes a module's ``all_configs()`` lists (what its launcher can be handed)."""
+    return tuple(sorted({c[at] for c in configs}, key=str))
 
 
 @dataclass
@@ -130,7 +133,7 @@ def window_launches() -> List[Launch]:
             key = (side, blk["dim_out"], blk["num_heads"], blk["window"], pool)
             if key not in seen:
                 seen.add(key)
-                for dt in ALL:
+                for dt in _dtypes(wa.all_configs([64]), 0):
                     qkv = torch.empty(1, side, side, 3 * blk["dim_out"], device=META, dtype=dt)
                     bias = torch.empty(3 * blk["dim_out"], device=META)
                     with recording(wa, "_window_attn_kernel") as sink:
@@ -174,7 +177,7 @@ def memory_launches() -> List[Launch]:
     though no SAM 2 layer calls it today: compiled as a self-attention."""
     out: List[Launch] = []
     for cc in CARDS:
-        for dt in ALL:
+        for dt in _dtypes(ma.all_configs(), 1):
             out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True)
             out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True, d=32)
             for n_slots, n_ptr in ((1, 4), (2, 8), (7, 64)):
@@ -189,7 +192,7 @@ def vspace_launches() -> List[Launch]:
     and without per-batch key ranges, 1 and 3 objects; tiles and splits per card."""
     out: List[Launch] = []
     for cc in CARDS:
-        for dt in vs.DTYPES:
+        for dt in _dtypes(vs.all_configs(), 1):
             for dk, dv in vs.HEAD_DIMS:
                 for nk, b, ranged in ((TOKENS + 4, 1, False), (7 * TOKENS + 64, 1, False),
                                       (7 * TOKENS + 64, 3, True), (7 * TOKENS + 64, 1, True)):
@@ -210,7 +213,7 @@ def upsample_launches() -> List[Launch]:
     """Low-res logits (N, C, 256, 256) to frame sizes: 480p, 720p, 1080p video (one mask per
     object) and an odd photo with 3 multimask outputs; logits wanted or not."""
     out: List[Launch] = []
-    for dt in ALL:
+    for dt in _dtypes(mu.all_configs(), 0):
         for (n, c), hw in (((2, 1), (480, 854)), ((2, 1), (720, 1280)), ((1, 1), (1080, 1920)),
                            ((1, 3), (1200, 1600)), ((1, 3), (375, 500))):
             for want in (True, False):

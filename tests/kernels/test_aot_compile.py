@@ -46,30 +46,58 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     VARIANTS = C.group(L.all_launches())
     JOBS = sorted(((i, cc) for i, v in enumerate(VARIANTS) for cc in C.targets(v)),
                   key=lambda j: VARIANTS[j[0]].name.startswith(("mem_attn", "vspace_attn")), reverse=True)
+    # One 16-bit variant per dot kernel, also compiled for sm_86 (test_sm86_shares_sm80_codegen).
+    SM86_SAMPLES = {k: next(i for i, v in enumerate(VARIANTS) if v.name == k and v.dtype_name != "fp32"
+                            and 80 in C.targets(v))
+                    for k in ("window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel")}
 else:  # collected in the interpreter pass, then skipped
-    VARIANTS, JOBS = [], []
+    VARIANTS, JOBS, SM86_SAMPLES = [], [], {}
 
 DOT_KERNELS = ("window_attn_kernel", "mem_attn_kernel", "vspace_attn_kernel")
 MEMORY_KERNELS = ("mem_attn_kernel", "vspace_attn_kernel")
-# Measured on commit 499c2fc (triton 3.8): the old fused-RoPE memory kernel loads even and
-# odd channels with scalar 2-byte loads (256 ld.global.b16 per variant) and spills 748 B
-# (sm_80) / 52-56 B (sm_90) at 255 registers. It is being replaced by vspace_attention.
-KNOWN = {
-    ("mem_attn_kernel", "spills"): "old memory kernel spills at 255 registers (issue 8; "
-                                   "748 B stores on sm_80, ~50 B on sm_90)",
-    ("mem_attn_kernel", "b16"): "old memory kernel loads even/odd channels with scalar 2-byte "
-                                "loads (issue 8)",
-}
+
+
+def known_failure(v, check: str, cc: int):
+    """(reason, strict) for a variant measured to fail ``check`` (commit 499c2fc, triton 3.8),
+    else None. Strict: a fix makes the test fail until the entry is removed. Spill counts move
+    with the ptxas version (triton 3.6 bundles another), so spill entries are not strict."""
+    tile = {n: v.constexpr(n) for n in ("D", "DV", "BLOCK_D", "BLOCK_M")}
+    if v.name == "mem_attn_kernel" and tile["D"] == 256 and check == "spills":
+        return ("old memory kernel spills at 255 registers (issue 8): 748 B stores on sm_80, "
+                "~50 B on sm_90; being replaced by vspace_attention", False)
+    if v.name == "mem_attn_kernel" and check == "b16":
+        return ("old memory kernel loads even/odd channels with scalar 2-byte loads (issue 8): "
+                "256 ld.global.b16 at D=256", True)
+    if v.name == "window_attn_kernel" and check == "spills" and tile["BLOCK_D"] == 128 \
+            and tile["BLOCK_M"] >= 64:
+        return ("window kernel at head dim 72/96 (padded to 128): sm_80 spills 120-152 B at "
+                "BLOCK_M 64, 4-8 B at 128; sm_90 fp16 8-16 B for some", False)
+    if v.name == "vspace_attn_kernel" and check == "spills" and tile["DV"] == 256:
+        return ("vspace comparison variant d_v 256 (no model path): 4-52 B spills at 255 "
+                "registers", False)
+    if v.name == "vspace_merge_kernel" and check == "spills" and tile["DV"] == 256 and cc >= 90:
+        return "vspace merge at d_v 256 (no model path): sm_90 272 B spills", False
+    return None
 
 
 @pytest.fixture(scope="session")
 def compiled():
     start = time.perf_counter()
-    out = C.compile_all(VARIANTS, JOBS, int(os.environ.get("AOT_JOBS", "2")))
+    out = C.compile_all(VARIANTS, JOBS + [(i, 86) for i in SM86_SAMPLES.values()],
+                        int(os.environ.get("AOT_JOBS", "2")))
     wall = time.perf_counter() - start
     cpu = sum(r.seconds for r in out.values())
     print(f"\nAOT: {len(VARIANTS)} variants, {len(JOBS)} compiles in {wall:.0f} s wall "
           f"({cpu:.0f} s of compile time)")
+    rows = {}
+    for (i, cc), r in out.items():
+        key = (VARIANTS[i].name, VARIANTS[i].dtype_name, cc)
+        n, secs, regs, spill = rows.get(key, (0, 0.0, 0, 0))
+        st = r.spill_bytes[0] if r.error is None else -1
+        rows[key] = (n + 1, secs + r.seconds, max(regs, r.registers), max(spill, st))
+    for (name, dt, cc), (n, secs, regs, spill) in sorted(rows.items()):
+        print(f"  {name:26s} {dt} sm_{cc}: {n:3d} compiles {secs:6.1f} s, max {regs} registers, "
+              f"max {spill} B spill stores")
     return out
 
 
@@ -85,9 +113,9 @@ def _params(check: str):
             if check == "b16" and v.name not in MEMORY_KERNELS:
                 continue
         marks = []
-        reason = KNOWN.get((v.name, check))
-        if reason:
-            marks.append(pytest.mark.xfail(reason=reason, strict=True))
+        known = known_failure(v, check, cc)
+        if known:
+            marks.append(pytest.mark.xfail(reason=known[0], strict=known[1]))
         out.append(pytest.param(i, cc, id=f"{v.ident()}-sm{cc}", marks=marks))
     return out
 
@@ -194,11 +222,10 @@ def test_capture_sees_runtime_specialisation():
 
 @pytest.mark.parametrize("kernel", ["window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel"])
 def test_sm86_shares_sm80_codegen(compiled, kernel):
-    """The sm_80 compile stands for sm_86/89: same shared memory and registers (one sample
-    16-bit variant per kernel, compiled for sm_86 here)."""
-    idx = next(i for i, v in enumerate(VARIANTS) if v.name == kernel and v.dtype_name == "fp16"
-               and 80 in C.targets(v))
-    ours = C.compile_variant(VARIANTS[idx], 86)
-    base = compiled[(idx, 80)]
+    """The sm_80 compile stands for sm_86/89 in the shared-memory check: same shared memory
+    (one sample 16-bit variant per kernel, compiled for sm_86 here). Registers are not
+    compared: ptxas allocates per target (measured 166 on sm_80 vs 156 on sm_86, vspace)."""
+    idx = SM86_SAMPLES[kernel]
+    ours, base = compiled[(idx, 86)], compiled[(idx, 80)]
     assert ours.error is None and base.error is None
-    assert (ours.shared, ours.registers) == (base.shared, base.registers), VARIANTS[idx].ident()
+    assert ours.shared == base.shared, f"{VARIANTS[idx].ident()}: sm_86 {ours.shared} B, sm_80 {base.shared} B"
