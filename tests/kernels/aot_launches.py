@@ -211,16 +211,20 @@ def vspace_launches() -> List[Launch]:
 # ----------------------------------------------------------------------------- mask upsampling
 def upsample_launches() -> List[Launch]:
     """Low-res logits (N, C, 256, 256) to frame sizes: 480p, 720p, 1080p video (one mask per
-    object) and an odd photo with 3 multimask outputs; logits wanted or not."""
+    object) and an odd photo with 3 multimask outputs; each output choice the launcher offers
+    (mask, logits or both; mask always where it has no ``want_mask``)."""
+    params = inspect.signature(mu.upsample_masks_triton).parameters
+    outputs = [dict(want_logits=lg, **({"want_mask": m} if "want_mask" in params else {}))
+               for m, lg in ((True, False), (False, True), (True, True)) if m or "want_mask" in params]
     out: List[Launch] = []
     for dt in _dtypes(mu.all_configs(), 0):
         for (n, c), hw in (((2, 1), (480, 854)), ((2, 1), (720, 1280)), ((1, 1), (1080, 1920)),
                            ((1, 3), (1200, 1600)), ((1, 3), (375, 500))):
-            for want in (True, False):
+            for kw in outputs:
                 x = torch.empty(n, c, 256, 256, device=META, dtype=dt)
                 with recording(mu, "_upsample_threshold_kernel") as sink:
-                    mu.upsample_masks_triton(x, hw, 0.0, want_logits=want)
-                out += _collect(sink, dt, CARDS, f"{n}x{c} masks to {hw[0]}x{hw[1]}, logits {want}")
+                    mu.upsample_masks_triton(x, hw, 0.0, **kw)
+                out += _collect(sink, dt, CARDS, f"{n}x{c} masks to {hw[0]}x{hw[1]}, {kw}")
     return out
 
 

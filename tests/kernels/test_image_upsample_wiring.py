@@ -15,9 +15,8 @@ from support import rel_err
 pytestmark = needs_interp
 
 
-# Measured: the kernel matches F.interpolate to 0 (fp32, interpreter); 1e-6 leaves room
-# for a reordered bilinear sum (a few fp32 roundings of the largest logit).
-UPSAMPLE_TOL = 1e-6
+# 10x the measured kernel-vs-F.interpolate error (2.5e-7, fp32, interpreter, this case).
+UPSAMPLE_TOL = 3e-6
 
 
 def check_image_upsampling():
@@ -32,7 +31,7 @@ def check_image_upsampling():
     assert K.launch_counts() == {"mask_upsample": 1}, K.launch_counts()
     assert fused.shape == plain.shape == (2, 3, 75, 101)
     err = rel_err(fused, plain)
-    assert err <= UPSAMPLE_TOL, f"kernel vs F.interpolate: rel err {err:.2e} > {UPSAMPLE_TOL:.0e}"
+    assert err <= UPSAMPLE_TOL, f"kernel vs F.interpolate: rel err {err:.2e} > {UPSAMPLE_TOL:.1e}"
     return err
 
 
