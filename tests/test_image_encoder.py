@@ -175,8 +175,9 @@ def test_mutation_masking_padded_tokens_fails(monkeypatch):
 
     monkeypatch.setattr(hiera_mod, "split_windows", split_recording_padding)
     monkeypatch.setattr(hiera_mod, "hiera_attention_core", core_masking_padding)
-    with pytest.raises(AssertionError, match="vision_features"):
+    with pytest.raises(AssertionError, match="vision_features") as info:
         _compare(ref_out, ours(x))
+    print(info.value)
 
 
 @torch.no_grad()
@@ -185,8 +186,9 @@ def test_mutation_dropping_background_pos_embed_fails():
     x = _image(1, 160, 160, seed=8)
     ref_out = ref(x)
     ours.trunk.pos_embed.zero_()  # the product's own parameter: the background table is lost
-    with pytest.raises(AssertionError, match="vision_features"):
+    with pytest.raises(AssertionError, match="vision_features") as info:
         _compare(ref_out, ours(x))
+    print(info.value)
 
 
 # ----------------------------------------------------------------------------- full presets
