@@ -185,17 +185,24 @@ def compile_all(variants: List[Variant], jobs: List[Tuple[int, int]], workers: i
     """Compile ``jobs`` ((variant index, cc), longest first) in forked workers."""
     global _POOL_VARIANTS
     _POOL_VARIANTS = variants
-    cache = tempfile.mkdtemp(prefix="sam2_fast_aot_")
-    os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: no result carried over from a run
     out: Dict[Tuple[int, int], Compiled] = {}
-    if workers <= 1:
-        for job in jobs:
-            i, cc, res = _work(job)
-            out[(i, cc)] = res
-        return out
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-        for i, cc, res in pool.map(_work, jobs, chunksize=1):
-            out[(i, cc)] = res
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="sam2_fast_aot_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: no result carried over from a run
+        try:
+            if workers <= 1:
+                for job in jobs:
+                    i, cc, res = _work(job)
+                    out[(i, cc)] = res
+            else:
+                with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+                    for i, cc, res in pool.map(_work, jobs, chunksize=1):
+                        out[(i, cc)] = res
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
     return out
 
 
