@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -29,8 +30,11 @@ TINY = ["--image-size", "128", "--frames", "3", "--resolution", "72x104", "--thr
 
 
 def _ours_flag():
-    # Our predictor once it exists; until then the reference stands in (harness self-check).
-    return [] if impls.ours_impl().available else ["--ours", "reference"]
+    """No flag: the bench measures our predictor. If ``sam2_fast.build_sam`` does not import,
+    fail here (a stand-in would silently benchmark the reference as "ours")."""
+    ours = impls.ours_impl()
+    assert ours.available and ours.label == "sam2_fast", f"our predictor is not available: {ours.missing}"
+    return []
 
 
 def test_bench_json_csv_and_accuracy(tmp_path):
@@ -54,6 +58,7 @@ def test_bench_json_csv_and_accuracy(tmp_path):
         assert set(r["stage_ms"]) >= {"image_encoder", "memory_attention", "sam_heads", "memory_encoder"}
     # Identical weights, identical clip: a faithful implementation agrees with the reference.
     ours = rows["eager-fp32"]
+    assert ours["impl_label"] == "sam2_fast" and rows["ref-eager-fp32"]["impl_label"] != "sam2_fast"
     assert ours["miou"] > 0.999 and ours["min_iou"] > 0.99, ours
     assert ours["logit_rel_err"] < 1e-3, ours  # parity tests hold 1e-4 per frame; this is a sanity bound
     # FLOPs are counted per stage, attention included.
@@ -103,6 +108,16 @@ class _FakeCounter:
         return self.total
 
 
+def test_broken_build_sam_fails_instead_of_benchmarking_the_reference(monkeypatch):
+    """Mutation: ``sam2_fast.build_sam`` fails to import. The harness reports our predictor
+    as missing (naming the import error) and the bench tests' guard fails."""
+    monkeypatch.setitem(sys.modules, "sam2_fast.build_sam", None)  # import raises ImportError
+    ours = impls.ours_impl()
+    assert not ours.available and "build_sam" in ours.missing
+    with pytest.raises(AssertionError, match="our predictor is not available"):
+        _ours_flag()
+
+
 def test_stage_timer_attributes_nested_work_exclusively():
     fake = _FakeCounter()
     timer = StageTimer(torch.device("cpu"), fake)
@@ -122,7 +137,8 @@ def test_stage_timer_attributes_nested_work_exclusively():
 
 
 def test_profile_writes_report(tmp_path):
-    impl = "ours" if impls.ours_impl().available else "reference"
+    impl = "ours"
+    _ours_flag()  # fails (instead of profiling the reference) when sam2_fast.build_sam is broken
     args = profile.build_parser().parse_args(
         TINY + ["--impl", impl, "--profile-frames", "2", "--out", str(tmp_path / "profiles")])
     out = profile.run(args, log=lambda *a: None)
@@ -200,7 +216,7 @@ def test_bench_and_profile_on_cuda(tmp_path):
         assert r["peak_device_mib"] > 0 and r["p50_ms"] > 0
     assert rows["eager-fp32"]["logit_rel_err"] < 1e-3
     assert rows["bf16"]["miou"] > 0.9 and rows["ref-bf16"]["miou"] > 0.9
-    impl = "ours" if impls.ours_impl().available else "reference"
+    impl = "ours"
     pargs = profile.build_parser().parse_args(
         ["--device", "cuda", "--impl", impl, "--image-size", "256", "--frames", "4", "--resolution", "120x200",
          "--profile-frames", "2", "--out", str(tmp_path / "profiles")])

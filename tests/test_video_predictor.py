@@ -207,6 +207,50 @@ def test_drop_in_end_to_end_bf16(ref_runs, clip_dir):
     print(f"many (bf16 end to end): worst rel err {worst:.2e}")
 
 
+# ------------------------------------------------------------------------------ memory stride
+# ``memory_temporal_stride_for_eval`` > 1 (``++model.memory_temporal_stride_for_eval=k``): the
+# 6 non-conditioning memories are the previous frame and then every k-th frame before it.
+# ONE_CLICK over 18 frames: the oldest slot (floor_k(t - 2) - 4k) exists from frame 10 (k=2) /
+# 14 (k=3) on, so both strides run with a partly and a completely filled bank.
+@pytest.fixture(scope="module")
+def stride_runs(threads, clip_dir):
+    cache = {}
+
+    def get(stride):
+        if stride not in cache:
+            over = [f"++model.memory_temporal_stride_for_eval={stride}"]
+            ref = V.build_reference("sam2.1_hiera_tiny", S, SEED, BIAS["sam2.1_hiera_tiny"], overrides=over)
+            ours = V.build_ours_from(ref, "sam2.1_hiera_tiny", S, overrides=over)
+            assert ours.memory_temporal_stride_for_eval == ref.memory_temporal_stride_for_eval == stride
+            cache[stride] = ((ref, ours), _run((ref, ours), ref, clip_dir, ONE_CLICK, True))
+        return cache[stride]
+
+    return get
+
+
+def check_stride_parity(stride_runs, clip_dir, stride) -> float:
+    pair, expect = stride_runs(stride)
+    _check_presence(expect)
+    return V.compare_records(_run(pair, pair[1], clip_dir, ONE_CLICK, True), expect, TOL)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_network_parity_memory_stride(stride_runs, clip_dir, stride):
+    print(f"stride {stride}: worst rel err {check_stride_parity(stride_runs, clip_dir, stride):.2e}")
+
+
+def test_mutation_memory_stride_ignored(monkeypatch, stride_runs, clip_dir):
+    """Product mutation: the memory plan ignores the temporal stride (uses 1)."""
+    import sam2_fast.modeling.sam2_base as base
+
+    real = base.memory_slot_frames
+    monkeypatch.setattr(base, "memory_slot_frames",
+                        lambda frame_idx, num_maskmem, stride, reverse: real(frame_idx, num_maskmem, 1, reverse))
+    with pytest.raises(AssertionError, match="rel err") as info:
+        check_stride_parity(stride_runs, clip_dir, 2)
+    print(info.value)
+
+
 # ------------------------------------------------------------------------------ mutations
 def _mutated_error(monkeypatch, ref_runs, clip_dir, target, name, replacement):
     pair, steps, expect = ref_runs("mutation", True)

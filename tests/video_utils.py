@@ -119,25 +119,26 @@ def _float32_memory(module: torch.nn.Module) -> None:
 
 
 def build_reference(config: str, image_size: int, seed: int, obj_score_bias: float,
-                    apply_postprocessing: bool = True):
+                    apply_postprocessing: bool = True, overrides: Sequence[str] = ()):
     from sam2.build_sam import build_sam2_video_predictor
 
     # buffers the recipe does not redraw (the prompt encoder's random Fourier matrix) come
     # from the global generator at construction: seed it so every run sees the same model
     torch.manual_seed(seed)
     ref = build_sam2_video_predictor(REF_CONFIGS[config], device="cpu",
-                                     hydra_overrides_extra=[f"++model.image_size={image_size}"],
+                                     hydra_overrides_extra=[f"++model.image_size={image_size}", *overrides],
                                      apply_postprocessing=apply_postprocessing)
     sensitize_(ref, seed, obj_score_bias=obj_score_bias)
     _float32_memory(ref.memory_attention)
     return ref.eval()
 
 
-def build_ours_from(ref, config: str, image_size: int, apply_postprocessing: bool = True):
+def build_ours_from(ref, config: str, image_size: int, apply_postprocessing: bool = True,
+                    overrides: Sequence[str] = ()):
     from sam2_fast.build_sam import build_sam2_video_predictor
 
     ours = build_sam2_video_predictor(config, device="cpu",
-                                      hydra_overrides_extra=[f"++model.image_size={image_size}"],
+                                      hydra_overrides_extra=[f"++model.image_size={image_size}", *overrides],
                                       apply_postprocessing=apply_postprocessing)
     ours.load_state_dict(ref.state_dict())
     return ours.eval()

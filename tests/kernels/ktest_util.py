@@ -38,3 +38,23 @@ def assert_attention_error(ours: torch.Tensor, sdpa_same_dtype: torch.Tensor, ex
     e_ours, e_torch = rel(ours, exact), rel(sdpa_same_dtype, exact)
     assert e_ours <= 2.0 * max(e_torch, 1e-9), (
         f"{what}: error {e_ours:.3e} vs fp64, PyTorch's own {e_torch:.3e} (limit 2x)")
+
+
+class AlignCornersScale:
+    """Product mutation of the mask-upsampling launch: wraps the real kernel object and hands
+    it the align_corners=True scale (h-1)/(H-1) instead of h/H, a launcher bug that samples
+    like ``F.interpolate(..., align_corners=True)`` near the borders. Install with
+    ``monkeypatch.setattr(mask_upsample, "_upsample_threshold_kernel", AlignCornersScale(real))``."""
+
+    def __init__(self, real):
+        self.real = real
+        names = real.arg_names
+        self._at = {n: names.index(n) for n in ("h", "w", "H", "W", "scale_h", "scale_w")}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            a, at = list(args), self._at
+            a[at["scale_h"]] = (a[at["h"]] - 1) / max(a[at["H"]] - 1, 1)
+            a[at["scale_w"]] = (a[at["w"]] - 1) / max(a[at["W"]] - 1, 1)
+            return self.real[grid](*a, **kwargs)
+        return launch

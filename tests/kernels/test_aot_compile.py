@@ -1,14 +1,34 @@
-"""Ahead-of-time GPU compile of every kernel variant the launchers can pick (no GPU needed).
+"""Ahead-of-time GPU compile of every kernel launch SAM 2 makes (no GPU needed).
+
+What is compiled is captured, not written out by hand: each launcher is called at SAM 2
+shapes with meta tensors and its kernel replaced by a recorder (``aot_launches.py``), and
+Triton's own binder specialises the recorded arguments (``aot_compile.py``): 16-byte
+aligned pointers and integers divisible by 16 get ``tt.divisibility`` 16, integers equal
+to 1 become constexpr 1 (unless the kernel lists them in ``do_not_specialize``). So each
+distinct specialisation the runtime would compile is compiled here, once per target:
+sm_80 and sm_90 (as sm_90a) for every variant those cards launch, sm_86 only for variants
+launched on the small-shared-memory cards alone (the sm_80 compile answers for sm_86/89:
+same code generation, ``test_sm86_shares_sm80_codegen``).
+
+Checks, per compiled variant:
+  * shared memory within the card's limit (every variant);
+  * 16-bit variants: tensor-core instructions in the PTX (``mma.sync`` on sm_80,
+    ``wgmma`` on sm_90 where the tile allows it: BLOCK_M >= 64), zero register spills in the
+    ptxas log (Triton's own ``ptxas -v``), and for the memory kernels no scalar 16-bit
+    global loads (``ld.global.b16``). Known failures of the old memory kernel are strict
+    xfails with the measured reason: fixing them turns the xfail into a failure to remove.
 
 Run WITHOUT TRITON_INTERPRET (with it, @triton.jit gives interpreted functions):
-    env -u TRITON_INTERPRET OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/kernels -m aot
-and under triton 3.6 (the lent GPU machines) with scripts/triton36_venv.sh.
-This catches what the interpreter lets through (mixed-dtype tl.dot, register/smem blow-ups).
+    env -u TRITON_INTERPRET .venv/bin/python -m pytest -q tests/kernels -m aot
+and under triton 3.6 (the lent GPU machines) with scripts/triton36_venv.sh. AOT_JOBS sets
+the number of compile processes (default 2). Every run compiles from scratch into a fresh
+TRITON_CACHE_DIR.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -19,89 +39,202 @@ pytestmark = [
                        reason="AOT compile needs a process without TRITON_INTERPRET"),
 ]
 
-from sam2_fast.config import PRESETS  # noqa: E402
-from sam2_fast.kernels import mask_upsample as mu  # noqa: E402
-from sam2_fast.kernels import memory_attention as ma  # noqa: E402
-from sam2_fast.kernels import window_attention as wa  # noqa: E402
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    import aot_compile as C  # noqa: E402
+    import aot_launches as L  # noqa: E402
 
-# Shared memory per block each card allows (opt-in maximum), bytes.
-SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
-TL_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# Scalar (non-pointer) float arguments of the kernels; every other scalar is an i32.
-FLOAT_ARGS = {"qk_scale", "scale_h", "scale_w", "threshold"}
+    VARIANTS = C.group(L.all_launches())
+    JOBS = sorted(((i, cc) for i, v in enumerate(VARIANTS) for cc in C.targets(v)),
+                  key=lambda j: VARIANTS[j[0]].name.startswith(("mem_attn", "vspace_attn")), reverse=True)
+    # One 16-bit variant per dot kernel, also compiled for sm_86 (test_sm86_shares_sm80_codegen).
+    SM86_SAMPLES = {k: next(i for i, v in enumerate(VARIANTS) if v.name == k and v.dtype_name != "fp32"
+                            and 80 in C.targets(v))
+                    for k in ("window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel")}
+else:  # collected in the interpreter pass, then skipped
+    VARIANTS, JOBS, SM86_SAMPLES = [], [], {}
 
-
-def _signature(fn, constexprs: dict, pointers: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + pointers[name]
-        else:
-            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    return sig
+DOT_KERNELS = ("window_attn_kernel", "mem_attn_kernel", "vspace_attn_kernel")
+MEMORY_KERNELS = ("mem_attn_kernel", "vspace_attn_kernel")
 
 
-def _compile(fn, constexprs, pointers, cfg, cc):
-    import triton
-    from triton.backends.compiler import GPUTarget
+def known_failure(v, check: str, cc: int):
+    """(reason, strict) for a variant measured to fail ``check`` (commit 499c2fc, triton 3.8),
+    else None. Strict: a fix makes the test fail until the entry is removed. Spill counts move
+    with the ptxas version (triton 3.6 bundles another), so spill entries are not strict."""
+    tile = {n: v.constexpr(n) for n in ("D", "DV", "BLOCK_D", "BLOCK_M")}
+    if v.name == "mem_attn_kernel" and tile["D"] == 256 and check == "spills":
+        return ("old memory kernel spills at 255 registers (issue 8): 748 B stores on sm_80, "
+                "~50 B on sm_90; being replaced by vspace_attention", False)
+    if v.name == "mem_attn_kernel" and check == "b16":
+        return ("old memory kernel loads even/odd channels with scalar 2-byte loads (issue 8): "
+                "256 ld.global.b16 at D=256", True)
+    if v.name == "window_attn_kernel" and check == "spills" and tile["BLOCK_D"] == 128 \
+            and tile["BLOCK_M"] >= 64 and (cc < 90 or (v.dtype_name == "fp16" and tile["BLOCK_M"] == 64
+                                                       and v.constexpr("HEAD_DIM") == 96)):
+        return ("window kernel at head dim 72/96 (padded to 128): sm_80 spills 120-152 B at "
+                "BLOCK_M 64, 0-8 B at 128; sm_90 fp16 head dim 96 0-16 B", False)
+    if v.name == "vspace_attn_kernel" and check == "spills" and tile["DV"] == 256:
+        return ("vspace comparison variant d_v 256 (no model path): 4-52 B spills at 255 "
+                "registers", False)
+    if v.name == "vspace_merge_kernel" and check == "spills" and tile["DV"] == 256 and cc >= 90:
+        return "vspace merge at d_v 256 (no model path): sm_90 272 B spills", False
+    return None
 
-    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, pointers),
-                                    constexprs=constexprs)
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
-    return kernel.metadata.shared
 
-
-def _hiera_head_dims():
-    dims = set()
-    for cfg in PRESETS.values():
-        t = cfg.trunk
-        for i, c in enumerate(t.stage_dims):
-            dims.add(c // int(t.num_heads * t.head_mul**i))
-    return sorted(dims)
-
-
-def _window_variants():
-    out = []
-    for dt, const, cfg in wa.all_configs(_hiera_head_dims()):
-        t = TL_TYPE[dt]  # the launcher casts the bias to qkv's dtype
-        ptrs = {"qkv_ptr": t, "bias_ptr": t, "out_ptr": t}
-        out.append(pytest.param(wa._window_attn_kernel, const, ptrs, cfg, id=f"window-{t}-" +
-                                "-".join(f"{k}{v}" for k, v in const.items() if k != "DOT_PREC")))
+@pytest.fixture(scope="session")
+def compiled(request):
+    """One compile per (variant, target) that a selected test reads (all of them in a full run)."""
+    wanted = set()
+    for item in request.session.items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if params and "i" in params:
+            wanted.add((params["i"], params["cc"]))
+        elif params and params.get("kernel") in SM86_SAMPLES:
+            wanted |= {(SM86_SAMPLES[params["kernel"]], 80), (SM86_SAMPLES[params["kernel"]], 86)}
+    jobs = [j for j in JOBS + [(i, 86) for i in SM86_SAMPLES.values()] if j in wanted]
+    start = time.perf_counter()
+    out = C.compile_all(VARIANTS, jobs, int(os.environ.get("AOT_JOBS", "2")))
+    wall = time.perf_counter() - start
+    cpu = sum(r.seconds for r in out.values())
+    print(f"\nAOT: {len(VARIANTS)} variants, {len(jobs)} compiles in {wall:.0f} s wall "
+          f"({cpu:.0f} s of compile time)")
+    rows = {}
+    for (i, cc), r in out.items():
+        key = (VARIANTS[i].name, VARIANTS[i].dtype_name, cc)
+        n, secs, regs, spill = rows.get(key, (0, 0.0, 0, 0))
+        st = r.spill_bytes[0] if r.error is None else -1
+        rows[key] = (n + 1, secs + r.seconds, max(regs, r.registers), max(spill, st))
+    for (name, dt, cc), (n, secs, regs, spill) in sorted(rows.items()):
+        print(f"  {name:26s} {dt} sm_{cc}: {n:3d} compiles {secs:6.1f} s, max {regs} registers, "
+              f"max {spill} B spill stores")
     return out
 
 
-def _memory_variants():
+def _params(check: str):
     out = []
-    for kind, dt, const, cfg in ma.all_configs():
-        t = TL_TYPE[dt]
-        if kind == "merge":
-            fn, ptrs = ma._merge_splits_kernel, {"part_ptr": "fp32", "lse_ptr": "fp32", "out_ptr": t}
-        else:
-            fn = ma._mem_attn_kernel
-            scratch, table = "fp32", "fp32"
-            ptrs = {"q_ptr": t, "mk_ptr": t, "mv_ptr": t, "slot_ptr": "i32", "pk_ptr": t, "pv_ptr": t,
-                    "cos_ptr": table, "sin_ptr": table, "out_ptr": t, "part_ptr": scratch,
-                    "lse_ptr": scratch}
-        name = f"mem-{kind}-{t}-" + "-".join(f"{k}{v}" for k, v in const.items() if k != "DOT_PREC")
-        out.append(pytest.param(fn, const, ptrs, cfg, id=name))
+    for i, cc in JOBS:
+        v = VARIANTS[i]
+        if check in ("tensor_cores", "spills", "b16"):
+            if v.dtype_name == "fp32":
+                continue
+            if check == "tensor_cores" and v.name not in DOT_KERNELS:
+                continue
+            if check == "b16" and v.name not in MEMORY_KERNELS:
+                continue
+        marks = []
+        known = known_failure(v, check, cc)
+        if known:
+            marks.append(pytest.mark.xfail(reason=known[0], strict=known[1]))
+        out.append(pytest.param(i, cc, id=f"{v.ident()}-sm{cc}", marks=marks))
     return out
 
 
-def _upsample_variants():
-    out = []
-    for dt, const, cfg in mu.all_configs():
-        t = TL_TYPE[dt]
-        ptrs = {"x_ptr": t, "mask_ptr": "u8", "logit_ptr": t}
-        out.append(pytest.param(mu._upsample_threshold_kernel, const, ptrs, cfg,
-                                id=f"upsample-{t}-" + "-".join(f"{k}{v}" for k, v in const.items())))
-    return out
+def _result(compiled, i, cc):
+    res = compiled[(i, cc)]
+    v = VARIANTS[i]
+    assert res.error is None, f"{v.ident()} does not compile for sm_{cc} ({v.whats[0]}): {res.error}"
+    return v, res
 
 
-@pytest.mark.parametrize("cc", sorted(SMEM_LIMIT))
-@pytest.mark.parametrize("fn,const,ptrs,cfg", _window_variants() + _memory_variants() + _upsample_variants())
-def test_compiles_within_shared_memory(fn, const, ptrs, cfg, cc):
-    shared = _compile(fn, const, ptrs, cfg, cc)
-    assert shared <= SMEM_LIMIT[cc], f"needs {shared} B of shared memory, sm_{cc} allows {SMEM_LIMIT[cc]}"
+@pytest.mark.parametrize("i,cc", _params("shared"))
+def test_shared_memory_within_card_limit(compiled, i, cc):
+    v, res = _result(compiled, i, cc)
+    limit = C.targets(v)[cc]
+    assert res.shared <= limit, (f"{v.ident()} needs {res.shared} B of shared memory on sm_{cc}; "
+                                 f"cards {sorted(v.cards)} allow {limit} ({v.whats[0]})")
+
+
+def _wgmma_possible(v) -> bool:
+    # wgmma: one warpgroup (4 warps) computes 64 rows of the tile.
+    return v.constexpr("BLOCK_M") >= 64 and v.options.get("num_warps", 4) % 4 == 0
+
+
+@pytest.mark.parametrize("i,cc", _params("tensor_cores"))
+def test_16bit_dots_use_tensor_cores(compiled, i, cc):
+    v, res = _result(compiled, i, cc)
+    mma, wgmma = res.count(C.MMA_SYNC), res.count(C.WGMMA)
+    if cc >= 90 and _wgmma_possible(v):
+        assert wgmma > 0, f"{v.ident()} sm_{cc}: no wgmma in the PTX ({mma} mma.sync)"
+    else:
+        assert mma + wgmma > 0, f"{v.ident()} sm_{cc}: no tensor-core instruction in the PTX"
+
+
+@pytest.mark.parametrize("i,cc", _params("spills"))
+def test_16bit_variants_do_not_spill(compiled, i, cc):
+    v, res = _result(compiled, i, cc)
+    stores, loads = res.spill_bytes
+    assert stores == loads == 0, (f"{v.ident()} sm_{cc}: {stores} B spill stores, {loads} B spill "
+                                  f"loads at {res.registers} registers")
+
+
+@pytest.mark.parametrize("i,cc", _params("b16"))
+def test_memory_kernels_have_no_scalar_16bit_loads(compiled, i, cc):
+    v, res = _result(compiled, i, cc)
+    loads = C.scalar_b16_loads(res.ptx)
+    assert not loads, f"{v.ident()} sm_{cc}: {len(loads)} scalar 16-bit global loads, e.g. {loads[0]}"
+
+
+# ----------------------------------------------------------------------------- the capture itself
+def _declared(v) -> tuple:
+    names = v.kernel.arg_names
+    return tuple(sorted((names[k[0]], v.constexprs[k]) for k in v.constexprs
+                        if v.kernel.params[k[0]].is_constexpr))
+
+
+def test_launches_cover_every_listed_config():
+    """The launchers' captured launches and their modules' ``all_configs()`` agree: every
+    listed (dtype, tile) is launched at some SAM 2 shape and every launch uses a listed tile
+    (num_warps included; num_stages where the launch passes it)."""
+    from sam2_fast.config import PRESETS
+    from sam2_fast.kernels import mask_upsample as mu
+    from sam2_fast.kernels import memory_attention as ma
+    from sam2_fast.kernels import vspace_attention as vs
+    from sam2_fast.kernels import window_attention as wa
+
+    head_dims = sorted({c // int(t.num_heads * t.head_mul**i) for t in (p.trunk for p in PRESETS.values())
+                        for i, c in enumerate(t.stage_dims)})
+    listed = {
+        "window_attn_kernel": [(dt, c, cfg) for dt, c, cfg in wa.all_configs(head_dims)],
+        "mem_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "attn"],
+        "merge_splits_kernel": [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "merge"],
+        "vspace_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "attn"],
+        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"],
+        "upsample_threshold_kernel": list(mu.all_configs()),
+    }
+    want = {(k, C.TL_NAME[str(dt).split(".")[-1]], tuple(sorted(c.items())), cfg.num_warps)
+            for k, items in listed.items() for dt, c, cfg in items}
+    got = {(v.name, v.dtype_name, _declared(v), v.options.get("num_warps", 4)) for v in VARIANTS}
+    assert not (want - got), f"listed by all_configs() but never launched: {sorted(want - got)}"
+    assert not (got - want), f"launched with a tile all_configs() does not list: {sorted(got - want)}"
+    staged = {w + (cfg.num_stages,) for k, items in listed.items() for dt, c, cfg in items
+              for w in [(k, C.TL_NAME[str(dt).split(".")[-1]], tuple(sorted(c.items())), cfg.num_warps)]}
+    for v in VARIANTS:
+        if "num_stages" in v.options:
+            key = (v.name, v.dtype_name, _declared(v), v.options.get("num_warps", 4), v.options["num_stages"])
+            assert key in staged, f"{v.ident()}: num_stages {v.options['num_stages']} not listed"
+
+
+def test_capture_sees_runtime_specialisation():
+    """Integers equal to 1 are constexpr, multiples of 16 carry divisibility, views keep
+    their alignment: the window kernel's single-head stage (tiny, stage 1: num_heads 1) and
+    the q-pooling flag (pool 1) are specialised as on the card."""
+    window = [v for v in VARIANTS if v.name == "window_attn_kernel"]
+    names = window[0].kernel.arg_names
+    ones = {names[k[0]] for v in window for k in v.constexprs if not v.kernel.params[k[0]].is_constexpr}
+    assert {"num_heads", "pool"} <= ones, ones
+    div = {names[k[0]] for v in window for k, a in v.attrs.items() if a}
+    assert {"qkv_ptr", "H", "C"} <= div, div
+    # vspace: n_splits is do_not_specialize, so 1 and 4 splits share one variant
+    vsp = [v for v in VARIANTS if v.name == "vspace_attn_kernel"]
+    assert all(v.signature["n_splits"] == "i32" for v in vsp)
+
+
+@pytest.mark.parametrize("kernel", ["window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel"])
+def test_sm86_shares_sm80_codegen(compiled, kernel):
+    """The sm_80 compile stands for sm_86/89 in the shared-memory check: same shared memory
+    (one sample 16-bit variant per kernel, compiled for sm_86 here). Registers are not
+    compared: ptxas allocates per target (measured 166 on sm_80 vs 156 on sm_86, vspace)."""
+    idx = SM86_SAMPLES[kernel]
+    ours, base = compiled[(idx, 86)], compiled[(idx, 80)]
+    assert ours.error is None and base.error is None
+    assert ours.shared == base.shared, f"{VARIANTS[idx].ident()}: sm_86 {ours.shared} B, sm_80 {base.shared} B"

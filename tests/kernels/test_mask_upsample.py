@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ktest_util import needs_interp
+from ktest_util import AlignCornersScale, needs_interp
 
 from sam2_fast.kernels import mask_upsample as mu
 
@@ -40,6 +40,10 @@ def _check(logits, size, threshold, mask, big):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("threshold", [0.0, 0.7])
 def test_kernel_matches_interpolate(case, dtype, threshold):
+    check_kernel(case, dtype, threshold)
+
+
+def check_kernel(case, dtype, threshold):
     n, h, w, H, W = case
     torch.manual_seed(sum(case))
     logits = (torch.randn(n, 1, h, w) * 4).to(dtype)
@@ -66,14 +70,13 @@ def test_kernel_strided_input_and_mask_only():
 
 @pytest.mark.interp
 @needs_interp
-def test_mutation_align_corners_is_caught():
-    """The kernel's sampling is NOT align_corners=True: comparing to it fails widely."""
-    torch.manual_seed(2)
-    logits = torch.randn(2, 1, 8, 8) * 4
-    mask, big = mu.upsample_masks_triton(logits, (37, 53), want_logits=True)
-    wrong = F.interpolate(logits, size=(37, 53), mode="bilinear", align_corners=True)
-    assert (big - wrong).abs().max().item() > 0.1
-    assert int((mask != (wrong > 0)).sum()) > 20
+def test_mutation_align_corners_scale_is_caught(monkeypatch):
+    """Product mutation: the launcher passes the align_corners=True scale (h-1)/(H-1); the
+    real parity check fails."""
+    monkeypatch.setattr(mu, "_upsample_threshold_kernel", AlignCornersScale(mu._upsample_threshold_kernel))
+    with pytest.raises(AssertionError, match="logits differ") as info:
+        check_kernel(CASES[0], torch.float32, 0.0)
+    print(info.value)
 
 
 def test_reference_rejects_bad_rank():

@@ -1,0 +1,242 @@
+"""The kernel launches SAM 2 makes, captured from the real launchers (no GPU, no compile).
+
+Each launcher (``window_attention_triton``, ``memory_attention_triton``,
+``vspace_attention_triton``, ``upsample_masks_triton``) is called at SAM 2 shapes with
+meta tensors while its ``@triton.jit`` kernel object is replaced by a recorder. What the
+recorder sees is exactly what ``kernel[grid](*args, **kwargs)`` would hand to Triton on a
+card: meta tensors report ``data_ptr() == 0`` for a fresh allocation and the byte offset for
+a view, like the 256-byte aligned CUDA caching allocator, so pointer alignment is preserved.
+``aot_compile.specialise`` then runs Triton's own argument binder on these arguments, so
+the AOT test compiles the same specialisation (``tt.divisibility`` 16 on aligned pointers
+and on integers divisible by 16, constexpr 1 for integers equal to 1 unless the kernel
+lists them in ``do_not_specialize``) that a launch on the card compiles.
+
+Card-dependent choices (tile per capability, split-KV from the SM count) are taken by the
+launchers' own functions, shown a card through ``on_card``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from sam2_fast.config import PRESETS
+from sam2_fast.kernels import mask_upsample as mu
+from sam2_fast.kernels import memory_attention as ma
+from sam2_fast.kernels import vspace_attention as vs
+from sam2_fast.kernels import window_attention as wa
+from sam2_fast.modeling import hiera as hiera_mod
+
+META = torch.device("meta")
+# Streaming multiprocessors of a representative card per capability (split-KV depends on it):
+# A100 (sm_80) 108, RTX 3090 (sm_86) 82, L4 (sm_89) 58, H100 / H200 (sm_90) 132.
+CARDS = {80: 108, 86: 82, 89: 58, 90: 132}
+IMAGE_SIZE = 1024  # SAM 2's input side: 64x64 image tokens, 256x256 low-res masks
+TOKENS = (IMAGE_SIZE // 16) ** 2  # 4096 memory / query tokens per frame
+
+
+def _dtypes(configs, at: int) -> Tuple[torch.dtype, ...]:
+    """The dtypes a module's ``all_configs()`` lists (what its launcher can be handed)."""
+    return tuple(sorted({c[at] for c in configs}, key=str))
+
+
+@dataclass
+class Launch:
+    """One ``kernel[grid](*args, **kwargs)`` call as the launcher made it."""
+
+    kernel: object  # the @triton.jit function
+    args: tuple
+    kwargs: dict
+    grid: tuple
+    dtype: torch.dtype  # the launch's data dtype (what the 16-bit checks key on)
+    cards: Tuple[int, ...]  # capabilities on which the launcher makes this launch
+    what: str  # the SAM 2 call it stands for
+    extra: dict = field(default_factory=dict)
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``rec[grid](*args, **kw)`` records instead of launching."""
+
+    def __init__(self, real, sink: List[tuple]):
+        self.real, self.sink = real, sink
+        self.arg_names = real.arg_names
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append((self.real, args, kwargs, tuple(grid)))
+
+
+@contextlib.contextmanager
+def recording(module, *names: str) -> Iterator[List[tuple]]:
+    sink: List[tuple] = []
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, _Recorder(saved[n], sink))
+        yield sink
+    finally:
+        for n, fn in saved.items():
+            setattr(module, n, fn)
+
+
+@contextlib.contextmanager
+def on_card(cc: int, module, *card_fns: str):
+    """Make the launcher's card-dependent helpers (``pick_config(..., capability)``,
+    ``choose_splits(..., device)``) answer for compute capability ``cc``: the device they
+    are shown is CUDA and ``torch.cuda.get_device_properties`` reports that card's SMs."""
+    saved = {n: getattr(module, n) for n in card_fns}
+    props = types.SimpleNamespace(multi_processor_count=CARDS[cc])
+    real_props = torch.cuda.get_device_properties
+
+    def wrap(name, real):
+        sig = inspect.signature(real)
+
+        def call(*args, **kwargs):
+            if "capability" in sig.parameters:  # the card's, not the CPU default
+                bound = sig.bind(*args, **kwargs)
+                bound.arguments["capability"] = divmod(cc, 10)
+                args, kwargs = bound.args, bound.kwargs
+            args = tuple(torch.device("cuda") if isinstance(a, torch.device) else a for a in args)
+            kwargs = {k: torch.device("cuda") if isinstance(v, torch.device) else v for k, v in kwargs.items()}
+            return real(*args, **kwargs)
+        return call
+
+    try:
+        torch.cuda.get_device_properties = lambda *a, **k: props
+        for n, real in saved.items():
+            setattr(module, n, wrap(n, real))
+        yield
+    finally:
+        torch.cuda.get_device_properties = real_props
+        for n, real in saved.items():
+            setattr(module, n, real)
+
+
+def _collect(sink, dtype, cards, what, **extra) -> List[Launch]:
+    return [Launch(k, a, kw, g, dtype, tuple(cards), what, dict(extra)) for k, a, kw, g in sink]
+
+
+# ----------------------------------------------------------------------------- window attention
+def window_launches() -> List[Launch]:
+    """Every Hiera block of the 8 official configs at 1024 px (batch 1; a batch only moves
+    the grid), in each dtype. Same launch on every card (no card-dependent choice)."""
+    out: List[Launch] = []
+    seen = set()
+    for name, cfg in sorted(PRESETS.items()):
+        side = IMAGE_SIZE // 4
+        for i, blk in enumerate(hiera_mod._block_plan(cfg.trunk)):
+            pool = blk["q_stride"] is not None
+            key = (side, blk["dim_out"], blk["num_heads"], blk["window"], pool)
+            if key not in seen:
+                seen.add(key)
+                for dt in _dtypes(wa.all_configs([64]), 0):
+                    qkv = torch.empty(1, side, side, 3 * blk["dim_out"], device=META, dtype=dt)
+                    bias = torch.empty(3 * blk["dim_out"], device=META)
+                    with recording(wa, "_window_attn_kernel") as sink:
+                        wa.window_attention_triton(qkv, bias, blk["num_heads"], blk["window"], pool)
+                    out += _collect(sink, dt, CARDS, f"{name} block {i} ({side}x{side}, window "
+                                    f"{blk['window']}, heads {blk['num_heads']}, pool {pool})")
+            if pool:
+                side //= 2
+    return out
+
+
+# ----------------------------------------------------------------------------- fused RoPE memory attention (old kernel)
+def _rope_attention_launch(dt, cc, n_slots: int, n_ptr: int, self_attn: bool, d: int = 256) -> List[Launch]:
+    """What ``modeling/rope._fused_rope_attention`` hands the kernel: projections of one
+    layer, (B, N, d), banks as views of the key/value projections."""
+    nk = n_slots * TOKENS + n_ptr
+    q = torch.empty(1, TOKENS, d, device=META, dtype=dt)
+    k = torch.empty(1, nk, d, device=META, dtype=dt)
+    v = torch.empty(1, nk, d, device=META, dtype=dt)
+    cos, sin = (torch.empty(TOKENS, d // 2, device=META) for _ in range(2))
+    with recording(ma, "_mem_attn_kernel", "_merge_splits_kernel") as sink, on_card(cc, ma, "choose_splits"):
+        if self_attn:  # what dispatch.rope_self_attention launches
+            ma.memory_attention_triton(q, k.unsqueeze(1), v.unsqueeze(1),
+                                       torch.zeros(1, dtype=torch.int32, device=META),
+                                       rope_cos=cos, rope_sin=sin)
+        else:
+            n_rot = n_slots * TOKENS
+            bank_k = k[:, :n_rot].unflatten(1, (n_slots, TOKENS))
+            bank_v = v[:, :n_rot].unflatten(1, (n_slots, TOKENS))
+            ptr_k, ptr_v = (k[:, n_rot:], v[:, n_rot:]) if n_ptr else (None, None)
+            slots = torch.arange(n_slots, dtype=torch.int32, device=META)
+            ma.memory_attention_triton(q, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
+    what = f"self-attention d {d}" if self_attn else f"cross-attention, {n_slots} memories + {n_ptr} pointer tokens"
+    return _collect(sink, dt, (cc,), what)
+
+
+def memory_launches() -> List[Launch]:
+    """Memory attention of a tracked video: self-attention, and cross-attention from the
+    first frame (1 memory, 4 pointer tokens) to a full bank (7 memories, 16 pointers = 64).
+    Head dim 32 (``ma.HEAD_DIMS``) is reachable through ``dispatch.rope_self_attention``
+    though no SAM 2 layer calls it today: compiled as a self-attention."""
+    out: List[Launch] = []
+    for cc in CARDS:
+        for dt in _dtypes(ma.all_configs(), 1):
+            out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True)
+            out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True, d=32)
+            for n_slots, n_ptr in ((1, 4), (2, 8), (7, 64)):
+                out += _rope_attention_launch(dt, cc, n_slots, n_ptr, self_attn=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- value-space attention
+def vspace_launches() -> List[Launch]:
+    """Value-space cross-attention (d_qk 256, d_v 64 and the 256-wide comparison): from the
+    first frames (4100 keys: not a multiple of 16) to a full bank (7 x 4096 + 64 keys), with
+    and without per-batch key ranges, 1 and 3 objects; tiles and splits per card."""
+    out: List[Launch] = []
+    for cc in CARDS:
+        for dt in _dtypes(vs.all_configs(), 1):
+            for dk, dv in vs.HEAD_DIMS:
+                for nk, b, ranged in ((TOKENS + 4, 1, False), (7 * TOKENS + 64, 1, False),
+                                      (7 * TOKENS + 64, 3, True), (7 * TOKENS + 64, 1, True)):
+                    q = torch.empty(b, TOKENS, dk, device=META, dtype=dt)
+                    k = torch.empty(b, nk, dk, device=META, dtype=dt)
+                    v = torch.empty(b, nk, dv, device=META, dtype=dt)
+                    rng = torch.empty(b, 4, dtype=torch.int32, device=META) if ranged else None
+                    with recording(vs, "_vspace_attn_kernel", "_vspace_merge_kernel") as sink, \
+                            on_card(cc, vs, "pick_config", "choose_splits"):
+                        vs.vspace_attention_triton(q, k, v, rng)
+                    out += _collect(sink, dt, (cc,), f"{b} object(s), {nk} keys, ranges {ranged}",
+                                    config=vs.pick_config(dk, dv, divmod(cc, 10)))
+    return out
+
+
+# ----------------------------------------------------------------------------- mask upsampling
+def upsample_launches() -> List[Launch]:
+    """Low-res logits (N, C, 256, 256) to frame sizes: 480p, 720p, 1080p video (one mask per
+    object) and an odd photo with 3 multimask outputs; each output choice the launcher offers
+    (mask, logits or both; mask always where it has no ``want_mask``)."""
+    params = inspect.signature(mu.upsample_masks_triton).parameters
+    outputs = [dict(want_logits=lg, **({"want_mask": m} if "want_mask" in params else {}))
+               for m, lg in ((True, False), (False, True), (True, True)) if m or "want_mask" in params]
+    out: List[Launch] = []
+    for dt in _dtypes(mu.all_configs(), 0):
+        for (n, c), hw in (((2, 1), (480, 854)), ((2, 1), (720, 1280)), ((1, 1), (1080, 1920)),
+                           ((1, 3), (1200, 1600)), ((1, 3), (375, 500))):
+            for kw in outputs:
+                x = torch.empty(n, c, 256, 256, device=META, dtype=dt)
+                with recording(mu, "_upsample_threshold_kernel") as sink:
+                    mu.upsample_masks_triton(x, hw, 0.0, **kw)
+                out += _collect(sink, dt, CARDS, f"{n}x{c} masks to {hw[0]}x{hw[1]}, {kw}")
+    return out
+
+
+LAUNCHERS: Dict[str, Callable[[], List[Launch]]] = {
+    "window": window_launches, "memory": memory_launches, "vspace": vspace_launches,
+    "upsample": upsample_launches,
+}
+
+
+def all_launches(kinds: Optional[Tuple[str, ...]] = None) -> List[Launch]:
+    out: List[Launch] = []
+    for kind, fn in LAUNCHERS.items():
+        if kinds is None or kind in kinds:
+            out += fn()
+    return out
