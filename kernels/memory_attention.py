@@ -227,6 +227,8 @@ def unsupported_reason(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_s
         return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
     others = [mem_k, mem_v] + ([ptr_k, ptr_v] if ptr_k is not None else [])
     reason = check_dtype("q", q)
+    if reason is None and q.is_cuda and q.dtype == torch.float32:
+        reason = "fp32 on CUDA goes to SDPA (the kernel's fp32 dot has no tensor cores)"
     if reason or any(t.dtype != q.dtype for t in others):
         return reason or "q, mem_k, mem_v, ptr_k, ptr_v must share one dtype"
     if any(t.stride(-1) != 1 for t in [q] + others):
@@ -259,7 +261,7 @@ def pick_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
 MERGE_BLOCK_M = 32
 
 
-def all_configs(head_dims=HEAD_DIMS, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+def all_configs(head_dims=HEAD_DIMS, dtypes=(torch.float16, torch.bfloat16)):
     """Every (kernel name, dtype, constexprs, LaunchConfig) the launcher can use."""
     out = []
     for dt in dtypes:
@@ -324,7 +326,7 @@ def memory_attention_triton(q, mem_k, mem_v, slot_ids, ptr_k=None, ptr_v=None,
     if splits > 1:
         _merge_splits_kernel[(triton.cdiv(nq, MERGE_BLOCK_M), b)](
             part, lse, out, out.stride(0), out.stride(1), nq, b, splits,
-            D=d, BLOCK_M=MERGE_BLOCK_M, num_warps=4)
+            D=d, BLOCK_M=MERGE_BLOCK_M, num_warps=4, num_stages=1)
     return out
 
 

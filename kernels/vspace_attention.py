@@ -294,7 +294,7 @@ def vspace_attention_triton(q, k, v, ranges: Optional[torch.Tensor] = None,
     if splits > 1:
         _vspace_merge_kernel[(triton.cdiv(nq, MERGE_BLOCK_M), b)](
             part, lse, out, out.stride(0), out.stride(1), nq, b, splits,
-            DV=dv, BLOCK_M=MERGE_BLOCK_M, num_warps=4)
+            DV=dv, BLOCK_M=MERGE_BLOCK_M, num_warps=4, num_stages=1)
     return out
 
 

@@ -17,9 +17,11 @@ from sam2_fast.kernels import window_attention as wa
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp32 attention on CUDA is declined by the launchers (no tensor cores): 16-bit only here.
+DTYPES16 = (torch.float16, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES16)
 @pytest.mark.parametrize("case", [(1, 256, 256, 1, 96, 8, False), (2, 256, 256, 2, 56, 8, True),
                                   (1, 66, 66, 4, 72, 14, False), (1, 64, 64, 8, 72, 14, True),
                                   (1, 64, 64, 4, 96, 0, False)])
@@ -35,7 +37,7 @@ def test_window_attention_gpu(case, dtype):
     assert_attention_error(out, same, exact, f"window{case} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES16)
 @pytest.mark.parametrize("b,n_mem,n_ptr", [(1, 7, 64), (3, 2, 4), (1, 1, 0)])
 def test_memory_cross_attention_gpu(b, n_mem, n_ptr, dtype):
     side, d = 64, 256
@@ -65,3 +67,9 @@ def test_upsample_masks_gpu(size, dtype):
     assert rel(big, ref_big) < 4 * torch.finfo(dtype).eps
     tol = 16 * torch.finfo(dtype).eps * ref_big.float().abs().max().item()
     assert not ((mask != ref_mask) & (ref_big.float().abs() > tol)).any()
+
+
+def test_fp32_attention_on_cuda_is_declined():
+    """fp32 never takes a Triton attention path without tensor cores (issue 8): named reason."""
+    qkv = torch.randn(1, 16, 16, 3 * 96, device="cuda")
+    assert "fp32 on CUDA" in wa.unsupported_reason(qkv, None, 1, 8, False)
