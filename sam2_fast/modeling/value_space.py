@@ -50,21 +50,22 @@ def _no_autocast(device: torch.device):
 def fused_value_output(v_proj: nn.Linear, out_proj: nn.Linear, num_heads: int) -> Tuple[Tensor, Optional[Tensor]]:
     """(W_f (C, heads*kv_in), b_f (C,) or None): the value projection folded into ``out_proj``.
 
-    ``v_proj``: kv_in -> heads*D; ``out_proj``: heads*D -> C. Computed in fp32 and returned
-    in ``out_proj``'s dtype.
+    ``v_proj``: kv_in -> heads*D; ``out_proj``: heads*D -> C. Computed in fp32 (or wider) and
+    returned in ``out_proj``'s dtype.
     """
     w_v, w_o = v_proj.weight, out_proj.weight  # (heads*D, kv_in), (C, heads*D)
     c, inner = w_o.shape
     kv_in, d = w_v.shape[1], inner // num_heads
+    work = torch.promote_types(w_o.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
     with _no_autocast(w_o.device):
-        wo = w_o.float().view(c, num_heads, d).transpose(0, 1)  # (heads, C, D)
-        wf = torch.matmul(wo, w_v.float().view(num_heads, d, kv_in))  # (heads, C, kv_in)
+        wo = w_o.to(work).view(c, num_heads, d).transpose(0, 1)  # (heads, C, D)
+        wf = torch.matmul(wo, w_v.to(work).view(num_heads, d, kv_in))  # (heads, C, kv_in)
         wf = wf.transpose(0, 1).reshape(c, num_heads * kv_in)  # (C, heads*kv_in), head-major columns
         bias = None
         if v_proj.bias is not None:
-            bias = torch.mv(w_o.float(), v_proj.bias.float())  # (C,)
+            bias = torch.mv(w_o.to(work), v_proj.bias.to(work))  # (C,)
         if out_proj.bias is not None:
-            bias = out_proj.bias.float() if bias is None else bias + out_proj.bias.float()
+            bias = out_proj.bias.to(work) if bias is None else bias + out_proj.bias.to(work)
     return wf.to(w_o.dtype), (None if bias is None else bias.to(w_o.dtype))
 
 
