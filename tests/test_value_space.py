@@ -1,11 +1,10 @@
-"""Memory cross-attention in the 64-d value space, and the CPU fast paths of RoPE and Hiera.
+"""Memory cross-attention in the 64-d value space (``sam2_fast/modeling/value_space.py``).
 
 Checked in fp32 with the sensitive weight recipe, against the plain layer (projected
 values, ``value_space = False``) and against sam2 1.1.0: one cross-attention layer, the
 static bank, and end-to-end video tracking. The fused output matrix is derived from the
 live parameters, so weight loads, in-place edits, dtype changes and gradients are checked
-too. The two rewritten primitives (complex RoPE, ``F.max_pool2d`` pooling) must be bitwise
-equal to the formulas they replace.
+too.
 """
 
 from __future__ import annotations
@@ -21,10 +20,8 @@ import video_utils as V
 from support import rel_err, sensitize_
 from test_memory_modules import _memory_attention_pair, _memory_inputs
 
-from sam2_fast.modeling import hiera as hiera_mod
-from sam2_fast.modeling import rope as rope_mod
 from sam2_fast.modeling import value_space as vs
-from sam2_fast.modeling.rope import RoPEAttention, apply_axial_rope, axial_rope_table, rotate_pairs
+from sam2_fast.modeling.rope import RoPEAttention
 from sam2_fast.runtime import disable_fast_runtime, enable_fast_runtime
 from sam2_fast.runtime import static_bank as sb
 
@@ -37,55 +34,6 @@ STACK_TOL = 4e-6
 # End-to-end tracking (fp32 memory banks, 2 objects, 9 frames at 128 px), worst frame:
 # measured 1.0e-6 against the plain path, 1.4e-6 against sam2 (eager and static bank).
 TRACK_TOL = 1.5e-5
-
-
-# ----------------------------------------------------------------------------- primitives
-def _rotate_real(x, cos, sin):
-    """The real-arithmetic rotation rotate_pairs used before (the oracle)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotate_pairs_bitwise_equals_real_formula(dtype):
-    g = torch.Generator().manual_seed(0)
-    cos, sin = axial_rope_table(64, 12, 12)
-    x = torch.randn(2, 1, 144, 64, generator=g).to(dtype)
-    assert torch.equal(rotate_pairs(x, cos, sin), _rotate_real(x, cos, sin))
-    # a strided view (keys sliced out of a longer projection, heads split) is rotated as is
-    big = torch.randn(2, 400, 2, 64, generator=g).to(dtype).transpose(1, 2)[:, :, :144]
-    assert torch.equal(rotate_pairs(big, cos, sin), _rotate_real(big, cos, sin))
-    # memory frames: the table broadcast over frames equals the tiled table, bit for bit
-    q = torch.randn(2, 1, 144, 64, generator=g).to(dtype)
-    k = torch.randn(2, 1, 3 * 144 + 8, 64, generator=g).to(dtype)
-    _, k_rot = apply_axial_rope(q, k, cos, sin, repeat_k=True, num_k_exclude=8)
-    assert torch.equal(k_rot[..., :432, :], _rotate_real(k[..., :432, :], cos.repeat(3, 1), sin.repeat(3, 1)))
-    assert torch.equal(k_rot[..., 432:, :], k[..., 432:, :])
-
-
-def _pool_amax(x, stride):
-    """The reshape + amax pooling max_pool_hw used before (the oracle)."""
-    sh, sw = stride
-    n, h, w = x.shape[:3]
-    ho, wo = h // sh, w // sw
-    x = x[:, :ho * sh, :wo * sw].reshape(n, ho, sh, wo, sw, *x.shape[3:])
-    return x.amax(dim=(2, 4))
-
-
-def test_max_pool_hw_bitwise_equals_strided_amax():
-    g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(6, 8, 8, 3, 2, 48, generator=g)  # a window block's projection view
-    ragged = torch.randn(2, 33, 31, 96, generator=g)  # odd map: floor mode drops a row/column
-    ragged[0, 3, 4, 5] = float("nan")
-    ragged[1, 0, 0, :] = float("-inf")
-    cases = [qkv[:, :, :, 0], ragged, torch.randn(2, 16, 16, 96, generator=g).bfloat16()]
-    for x in cases:
-        got, want = hiera_mod.max_pool_hw(x, (2, 2)), _pool_amax(x, (2, 2))
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert torch.equal(got.nan_to_num(0.5), want.nan_to_num(0.5))
-        assert torch.equal(got.isnan(), want.isnan())
-    assert hiera_mod.max_pool_hw(torch.randn(1, 1, 4, 8), (2, 2)).shape == (1, 0, 2, 8)
 
 
 # ----------------------------------------------------------------------------- one layer

@@ -55,13 +55,14 @@ def axial_rope_table(head_dim: int, width: int, height: int, theta: float = 1000
     return unit.real.contiguous(), unit.imag.contiguous()
 
 
-def rotate_cis(x: Tensor, cis: Tensor) -> Tensor:
+def rotate_cis(x: Tensor, cis: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Rotate channel pairs (x[..., 2i], x[..., 2i+1]) of x (..., N, D) by the unit complex
     table ``cis`` (N, D/2) complex64, broadcast over x's leading dims.
 
     The official complex product on a ``view_as_complex`` view, in float32, cast back to
     x's dtype. Bitwise equal to the real formula (re*cos - im*sin, re*sin + im*cos) on this
     CPU (fp32 and bf16 inputs, tested) and 6-10x faster than it on stride-2 views.
+    ``out``: an fp32 tensor shaped like x with a contiguous last dim, written in place.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, D/2, 2)
     misaligned = any(st % 2 for st in pairs.stride()[:-1])
@@ -69,8 +70,11 @@ def rotate_cis(x: Tensor, cis: Tensor) -> Tensor:
         misaligned = misaligned or pairs.storage_offset() % 2 == 1
     if misaligned:
         pairs = pairs.contiguous()  # view_as_complex needs complex-aligned strides and offset
-    out = torch.view_as_real(torch.view_as_complex(pairs) * cis)  # (..., N, D/2, 2), new memory
-    return out.flatten(-2).to(x.dtype)
+    if out is not None:
+        torch.mul(torch.view_as_complex(pairs), cis, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * cis)  # (..., N, D/2, 2), new memory
+    return rotated.flatten(-2).to(x.dtype)
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -97,17 +101,28 @@ def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: b
     q_out = rotate_cis(q, cis)
     if n_rot == 0:
         return q_out, k
-    if n_rot == nq:
-        k_rot = rotate_cis(k[..., :n_rot, :], cis)
-    elif repeat_k and n_rot % nq == 0:
-        frames = k[..., :n_rot, :].unflatten(-2, (n_rot // nq, nq))  # (B, h, F, HW, D), frame-major
-        k_rot = rotate_cis(frames, cis).flatten(-3, -2)
-    elif repeat_k:
-        raise ValueError(f"{n_rot} rotated keys are not a whole number of {nq}-token memory frames")
-    else:
+    if not (n_rot == nq or (repeat_k and n_rot % nq == 0)):
+        if repeat_k:
+            raise ValueError(f"{n_rot} rotated keys are not a whole number of {nq}-token memory frames")
         raise ValueError(f"{n_rot} rotated keys for {nq} queries; set rope_k_repeat for memories")
+    # with pointer keys behind the grid, rotate straight into the full key buffer instead of
+    # rotating then concatenating (one pass over the keys fewer; fp32 eager inference only)
+    direct = (num_k_exclude > 0 and k.dtype == torch.float32 and not torch.compiler.is_compiling()
+              and not (torch.is_grad_enabled() and k.requires_grad))
+    k_out = k.new_empty(k.shape) if direct else None  # (B, h, Nk, D), contiguous
+    src = k[..., :n_rot, :]
+    dst = None if k_out is None else k_out[..., :n_rot, :]
+    if n_rot != nq:  # memory frames: (B, h, F, HW, D), frame-major, the table broadcast over F
+        src = src.unflatten(-2, (n_rot // nq, nq))
+        dst = None if dst is None else dst.unflatten(-2, (n_rot // nq, nq))
+    k_rot = rotate_cis(src, cis, out=dst)
+    if n_rot != nq:
+        k_rot = k_rot.flatten(-3, -2)
     if num_k_exclude == 0:
         return q_out, k_rot
+    if k_out is not None:
+        k_out[..., n_rot:, :].copy_(k[..., n_rot:, :])
+        return q_out, k_out
     return q_out, torch.cat([k_rot, k[..., n_rot:, :]], dim=-2)
 
 
