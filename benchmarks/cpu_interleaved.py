@@ -91,16 +91,19 @@ def main(argv=None) -> int:
     del source
 
     preds, gens, times, stage_sink = {}, {}, {}, {}
+    built = {}
+    for name in names:  # built outside inference mode, as users build them (normal parameters)
+        impl = ref_impl if name == "reference" else ours_impl
+        if name == "ours-before":
+            from sam2_fast_old.build_sam import build_sam2_video_predictor as before_builder
+
+            impl = impls.Impl("ours", "sam2_fast (older commit)", before_builder, True)
+        built[name] = (impl, _build(impl, args.model, args.image_size, weights))
+        if name == "ours-projected":
+            _set_value_space(built[name][1], False)
     with torch.inference_mode(), impls.quiet_reference():
         for name in names:
-            impl = ref_impl if name == "reference" else ours_impl
-            if name == "ours-before":
-                from sam2_fast_old.build_sam import build_sam2_video_predictor as before_builder
-
-                impl = impls.Impl("ours", "sam2_fast (older commit)", before_builder, True)
-            pred = _build(impl, args.model, args.image_size, weights)
-            if name == "ours-projected":
-                _set_value_space(pred, False)
+            impl, pred = built[name]
             state = impls.init_state(impl, pred, clip.frames, torch.device("cpu"))
             impls.add_clicks(pred, state, clip.clicks)
             preds[name], gens[name], times[name] = pred, pred.propagate_in_video(state), []

@@ -100,3 +100,12 @@ def test_position_embedding_cache_is_exact_and_follows_the_tables():
     assert emb.requires_grad
     emb.sum().backward()
     assert trunk.pos_embed.grad is not None and trunk.pos_embed_window.grad is not None
+
+
+def test_position_embedding_of_a_trunk_built_in_inference_mode():
+    """Inference tensors keep no version counter: such a trunk computes the table inline."""
+    with torch.inference_mode():
+        trunk = hiera_mod.Hiera(resolve_config("sam2.1_hiera_tiny").trunk).eval()
+        assert trunk.pos_embed.is_inference()
+        assert torch.equal(trunk.position_embedding(16, 16), trunk._position_embedding(16, 16))
+        assert "_pos_cache" not in trunk.__dict__

@@ -272,8 +272,8 @@ class Hiera(nn.Module):
         a tracked frame), keyed on both tables' version counters, storage, dtype and
         device: ``load_state_dict``, in-place updates and ``.to()`` all rebuild it (an edit
         through ``.data`` bumps no version counter and is not seen). Compiled code, CUDA
-        graph capture (which records the computation itself) and calls that need gradients
-        compute it inline.
+        graph capture (which records the computation itself), calls that need gradients and
+        tables created under ``torch.inference_mode`` (no version counter) compute it inline.
         """
         win = self.pos_embed_window.shape[-1]
         if h % win or w % win:
@@ -297,6 +297,8 @@ class Hiera(nn.Module):
         if torch.compiler.is_compiling():
             return False
         if torch.is_grad_enabled() and any(t.requires_grad for t in tables):
+            return False
+        if any(t.is_inference() for t in tables):  # built in inference mode: no version counter
             return False
         cuda = tables[0].device.type == "cuda"
         return not (cuda and torch.cuda.is_current_stream_capturing())
