@@ -6,12 +6,16 @@
 * ``hiera.max_pool_hw``: ``F.max_pool2d`` on a permuted view, bitwise equal to the
   reshape + ``amax`` it replaced (NaN and -inf included);
 * ``Hiera.position_embedding``: cached between frames in eager inference, rebuilt when the
-  tables change, never cached when gradients are needed.
+  tables change, never cached when gradients are needed;
+* a windowed block on a ragged map projects only the real tokens and pads the projection
+  with the qkv bias (what a zero-padded token projects to), checked against sam2's block.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
+from support import rel_err, sensitize_
 
 from sam2_fast.config import resolve_config
 from sam2_fast.modeling import hiera as hiera_mod
@@ -109,3 +113,30 @@ def test_position_embedding_of_a_trunk_built_in_inference_mode():
         assert trunk.pos_embed.is_inference()
         assert torch.equal(trunk.position_embedding(16, 16), trunk._position_embedding(16, 16))
         assert "_pos_cache" not in trunk.__dict__
+
+
+# A ragged map's block projects only the real tokens and pads the projection with the qkv
+# bias. Measured against sam2's block (same weights, fp32): 0 (bitwise) for these cases.
+RAGGED_TOL = 1e-6
+
+
+@pytest.mark.parametrize("dim,dim_out,heads,window,q_stride,side", [
+    (32, 32, 2, 7, None, 10),  # plain windowed block, 10x10 map in 7-windows (14x14 padded)
+    (32, 64, 2, 7, (2, 2), 12),  # stage transition: widened, q pooled, ragged windows
+])
+def test_ragged_window_block_matches_reference(monkeypatch, dim, dim_out, heads, window, q_stride, side):
+    from sam2.modeling.backbones.hieradet import MultiScaleBlock as RefBlock
+
+    ref = RefBlock(dim, dim_out, heads, q_stride=q_stride, window_size=window).eval()
+    sensitize_(ref, 3)
+    ours = hiera_mod.MultiScaleBlock(dim, dim_out, heads, window, q_stride=q_stride).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, side, side, dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(x)
+        assert rel_err(ours(x), want) <= RAGGED_TOL
+        real_split = hiera_mod.split_windows
+        # mutation: pad the projection with zeros instead of the bias
+        monkeypatch.setattr(hiera_mod, "split_windows", lambda m, win, fill=None: real_split(m, win))
+        err = rel_err(ours(x), want)
+    assert err > 100 * RAGGED_TOL, f"zero-padded projections went unnoticed: {err:.2e}"
