@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     full = slice(num_maskmem, None)
     result = {"model": args.model, "image_size": args.image_size, "video": clip.source,
               "frames": len(clip.frames), "full_bank_frames": len(clip.frames) - num_maskmem,
-              "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "threads": args.threads, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
               "ms_full_bank_median": {n: float(np.median(times[n][full]) * 1e3) for n in names}}
