@@ -162,8 +162,8 @@ def test_mutation_masking_padded_tokens_fails(monkeypatch):
     pending = []
     real_split, real_core = hiera_mod.split_windows, hiera_mod.hiera_attention_core
 
-    def split_recording_padding(m, win):
-        wins, grid = real_split(m, win)
+    def split_recording_padding(m, win, fill=None):
+        wins, grid = real_split(m, win, fill)
         valid = torch.zeros(m.shape[0], grid[0] * win, grid[1] * win, dtype=torch.bool)
         valid[:, : m.shape[1], : m.shape[2]] = True
         pending.append(real_split(valid[..., None], win)[0].reshape(wins.shape[0], 1, 1, win * win))

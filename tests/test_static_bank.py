@@ -13,6 +13,7 @@ import torch
 from support import rel_err, sensitize_
 
 from sam2_fast.config import resolve_config
+from sam2_fast.modeling import rope as rope_mod
 from sam2_fast.modeling.memory_attention import build_memory_attention
 from sam2_fast.runtime import static_bank as sb
 
@@ -97,19 +98,21 @@ def test_static_bank_pads_keys_that_must_be_masked(mem_attn):
         sb._attention_mask = unmasked
     assert rel_err(bad, ref) >= 10 * BANK_TOL, f"unmasked padding went unnoticed: {rel_err(bad, ref):.2e}"
 
-    good_rotate = sb._rotate_keys
+    real_apply = rope_mod.apply_axial_rope
 
-    def rotate_pointers_too(k, k_cos, k_sin, n):
-        rest = k.shape[-2] - n  # rotate the pointer region as if it were another (partial) frame
-        cos = torch.cat([k_cos, k_cos[:rest]])
-        sin = torch.cat([k_sin, k_sin[:rest]])
-        return sb.rotate_pairs(k, cos, sin)
+    def rotate_pointers_too(q, k, cos, sin, repeat_k=False, num_k_exclude=0):
+        # the pointer region rotated as if it were another (partial) frame
+        q_out, k_out = real_apply(q, k, cos, sin, repeat_k=repeat_k, num_k_exclude=num_k_exclude)
+        if num_k_exclude:
+            tail = rope_mod.rotate_pairs(k_out[..., -num_k_exclude:, :], cos[:num_k_exclude], sin[:num_k_exclude])
+            k_out = torch.cat([k_out[..., :-num_k_exclude, :], tail], dim=-2)
+        return q_out, k_out
 
     try:
-        sb._rotate_keys = rotate_pointers_too
+        rope_mod.apply_axial_rope = rotate_pointers_too
         bad_rope, _ = run_both(mem_attn, bank, 10, 1, 6, 16)
     finally:
-        sb._rotate_keys = good_rotate
+        rope_mod.apply_axial_rope = real_apply
     _, ref_full = run_both(mem_attn, bank, 10, 1, 6, 16)
     err = rel_err(bad_rope, ref_full)
     assert err >= 10 * BANK_TOL, f"RoPE on pointer slots went unnoticed: {err:.2e}"

@@ -14,6 +14,8 @@ import time
 from typing import Dict, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 aten = torch.ops.aten
@@ -55,6 +57,45 @@ def missing_attention_ops() -> Dict[object, object]:
 def flop_counter() -> FlopCounterMode:
     """A silent FlopCounterMode that also counts the attention variants it would miss."""
     return FlopCounterMode(display=False, custom_mapping=missing_attention_ops())
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor addresses (broadcast dims, stride 0, count once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+class ByteCounter(TorchDispatchMode):
+    """Bytes each non-view aten op reads and writes: its tensor inputs plus its outputs
+    (an in-place or ``out=`` destination counts as read and written).
+
+    What an unfused eager run moves through memory at op boundaries (a fused kernel that
+    keeps intermediates on chip moves less); views, reshapes and metadata ops move nothing
+    and are skipped. Works under ``FakeTensorMode`` (no data needed). ``total`` in bytes,
+    ``by_op`` per aten overload name.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.by_op: Dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (func.is_view or func in _METADATA_OPS):
+            moved = sum(_distinct_bytes(t) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+            self.total += moved
+            name = str(func.overloadpacket.__name__)
+            self.by_op[name] = self.by_op.get(name, 0) + moved
+        return out
+
+
+# ops that allocate or alias without moving data (empty buffers are written by the next op)
+_METADATA_OPS = {aten.detach.default, aten.empty.memory_format, aten.empty_strided.default,
+                 aten.lift_fresh.default}
 
 
 def measure_matmul_tflops(device: torch.device, dtype: Optional[torch.dtype] = None, trials: int = 5) -> Dict[str, float]:

@@ -65,15 +65,24 @@ def hiera_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 # ----------------------------------------------------------------------------- windows
-def split_windows(x: torch.Tensor, win: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def split_windows(x: torch.Tensor, win: int, fill: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """(B, H, W, C) -> (B * nh * nw, win, win, C) and the window grid (nh, nw).
 
-    The map is zero-padded at the bottom/right up to a multiple of ``win``.
+    The map is padded at the bottom/right up to a multiple of ``win``: with zeros, or with
+    the per-channel vector ``fill`` (C,).
     """
     b, h, w, c = x.shape
     extra_h, extra_w = -h % win, -w % win
     if extra_h or extra_w:
-        x = F.pad(x, (0, 0, 0, extra_w, 0, extra_h))
+        if fill is None:
+            x = F.pad(x, (0, 0, 0, extra_w, 0, extra_h))
+        else:
+            padded = x.new_empty(b, h + extra_h, w + extra_w, c)
+            padded[:, :h, :w] = x
+            padded[:, h:] = fill
+            padded[:, :h, w:] = fill
+            x = padded
     nh, nw = (h + extra_h) // win, (w + extra_w) // win
     grid = x.view(b, nh, win, nw, win, c).transpose(2, 3)  # (B, nh, nw, win, win, C)
     return grid.reshape(b * nh * nw, win, win, c), (nh, nw)
@@ -93,14 +102,22 @@ def merge_windows(windows: torch.Tensor, grid: Tuple[int, int], out_hw: Tuple[in
 
 
 def max_pool_hw(x: torch.Tensor, stride: Tuple[int, int]) -> torch.Tensor:
-    """Max-pool the two spatial dims of (N, H, W, *rest) with kernel == stride (floor mode)."""
+    """Max-pool the two spatial dims of (N, H, W, *rest) with kernel == stride (floor mode).
+
+    ``F.max_pool2d`` on a channels-last permuted view (no copy: the pooled dims of every
+    caller's layout have a contiguous channel block), bitwise equal to a reshape + ``amax``
+    over the strided window dims but ~20x faster on CPU (measured 0.19 vs 5.0 ms for a
+    (1, 128, 128, 96) map; ~29 ms per frame at 256 px before).
+    """
     sh, sw = stride
     n, h, w = x.shape[:3]
     rest = x.shape[3:]
     ho, wo = h // sh, w // sw
-    x = x[:, : ho * sh, : wo * sw]  # floor mode drops the ragged last row/column
-    x = x.reshape(n, ho, sh, wo, sw, *rest)
-    return x.amax(dim=(2, 4))  # (N, ho, wo, *rest)
+    if ho == 0 or wo == 0:  # max_pool2d refuses an empty output; floor mode gives one
+        return x.new_empty((n, ho, wo, *rest))
+    chans = x.reshape(n, h, w, -1)  # (N, H, W, C): a view for contiguous trailing dims
+    pooled = F.max_pool2d(chans.permute(0, 3, 1, 2), kernel_size=(sh, sw), stride=(sh, sw))
+    return pooled.permute(0, 2, 3, 1).reshape(n, ho, wo, *rest)  # (N, ho, wo, *rest)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -146,13 +163,20 @@ class MultiScaleAttention(nn.Module):
                 return self.proj(out)
             # declined (reason counted by the dispatcher): the PyTorch path below
         b, h, w, _ = x.shape
-        if self.window > 0:
-            wins, grid = split_windows(x, self.window)  # (N, win, win, dim), zero-padded
-        else:
-            wins, grid = x, (1, 1)  # the whole map is one window
-        n, wh, ww, _ = wins.shape
         heads, d = self.num_heads, self.dim_out // self.num_heads
-        qkv = self.qkv(wins).view(n, wh, ww, 3, heads, d)  # padded tokens get the bias too
+        if self.window > 0 and (h % self.window or w % self.window) and self.qkv.bias is not None:
+            # Ragged map: a zero-padded token projects to exactly the qkv bias, so project
+            # the real tokens only and pad the projection with the bias (as the window
+            # kernel does). At 512 px stage 3 is 32x32 in 14-windows (42x42 padded): 42% of
+            # the projection work was padding; measured ~2% of a tracked frame on CPU.
+            wins, grid = split_windows(self.qkv(x), self.window, fill=self.qkv.bias)  # (N, win, win, 3*dim_out)
+        elif self.window > 0:
+            wins, grid = split_windows(x, self.window)  # (N, win, win, dim): whole windows
+            wins = self.qkv(wins)
+        else:
+            wins, grid = self.qkv(x), (1, 1)  # the whole map is one window
+        n, wh, ww, _ = wins.shape
+        qkv = wins.view(n, wh, ww, 3, heads, d)  # padded tokens hold the bias
         q = qkv[:, :, :, 0]  # (N, wh, ww, heads, D)
         if self.q_stride is not None:
             q = max_pool_hw(q, self.q_stride)  # (N, wh//s, ww//s, heads, D), per window
@@ -257,13 +281,46 @@ class Hiera(nn.Module):
         self.channel_list = [self.blocks[i].dim_out for i in reversed(self.stage_ends)]
 
     def position_embedding(self, h: int, w: int) -> torch.Tensor:
-        """(1, h, w, C) embedding added to the patch map."""
+        """(1, h, w, C) embedding added to the patch map.
+
+        A function of the weights and the map size only, so eager inference keeps the last
+        one (bicubic resize + tile + add: ~30 ms per frame at 512 px on one CPU core, 2% of
+        a tracked frame), keyed on both tables' version counters, storage, dtype and
+        device: ``load_state_dict``, in-place updates and ``.to()`` all rebuild it (an edit
+        through ``.data`` bumps no version counter and is not seen). Compiled code, CUDA
+        graph capture (which records the computation itself), calls that need gradients and
+        tables created under ``torch.inference_mode`` (no version counter) compute it inline.
+        """
         win = self.pos_embed_window.shape[-1]
         if h % win or w % win:
             raise ValueError(
                 f"Hiera: the patch map {h}x{w} must be a multiple of the first window ({win}); "
                 f"use an image size that is a multiple of {4 * win}"
             )
+        tables = (self.pos_embed, self.pos_embed_window)
+        if not self._may_cache_position(tables):
+            return self._position_embedding(h, w)
+        key = (h, w) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tables)
+        cached = self.__dict__.get("_pos_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable anywhere
+                cached = (key, self._position_embedding(h, w).contiguous())
+            self.__dict__["_pos_cache"] = cached
+        return cached[1]
+
+    @staticmethod
+    def _may_cache_position(tables) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tables):
+            return False
+        if any(t.is_inference() for t in tables):  # built in inference mode: no version counter
+            return False
+        cuda = tables[0].device.type == "cuda"
+        return not (cuda and torch.cuda.is_current_stream_capturing())
+
+    def _position_embedding(self, h: int, w: int) -> torch.Tensor:
+        win = self.pos_embed_window.shape[-1]
         background = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic")  # (1, C, h, w)
         tiled = self.pos_embed_window.repeat(1, 1, h // win, w // win)  # (1, C, h, w)
         return (background + tiled).permute(0, 2, 3, 1)

@@ -179,8 +179,9 @@ def graph_method(owner: Any, attr: str, name: str, counters: collections.Counter
     return step, undo
 
 
-# The bank core reads the staged buffers in place: (curr, curr_pos, mem, mem_pos, key_ok, k_cos, k_sin).
-BANK_STATIC_ARGNUMS = (2, 3, 4, 5, 6)
+# The bank core reads the staged buffers in place: (curr, curr_pos, mem, mem_pos, key_ok,
+# num_spatial_slots); the last is an int, part of the graph signature.
+BANK_STATIC_ARGNUMS = (2, 3, 4)
 
 
 def install_graphs(predictor: Any, bank: Optional[Any], counters: collections.Counter,

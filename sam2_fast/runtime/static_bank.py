@@ -11,11 +11,12 @@ a preallocated buffer of fixed capacity, laid out as
 and attends with a key-validity mask. Padded keys get a score of -inf, so their softmax
 weight is exactly 0 and the result equals the unpadded attention up to summation order.
 
-RoPE: spatial keys are rotated with the query grid's table tiled F times (the frame
-period is HW, as ``rope_k_repeat`` does); the whole pointer region is left unrotated, so
-the excluded count is the pointer capacity, not the number of pointers present. Both
-agree with ``rope.apply_axial_rope`` on the valid keys because a key's rotation depends
-only on its position within its frame.
+RoPE: spatial keys are rotated with the query grid's table applied to each of the F
+frames (the frame period is HW, as ``rope_k_repeat`` does); the whole pointer region is
+left unrotated, so the excluded count is the pointer capacity, not the number of pointers
+present. This is the cross-attention module's own call (``rope.apply_axial_rope``, value
+space), with the padded keys masked: it agrees with the unpadded call on the valid keys
+because a key's rotation depends only on its position within its frame.
 
 Capacity: F comes in two buckets, ``num_maskmem`` frames (one conditioning frame plus
 ``num_maskmem - 1`` recent ones: the steady state of tracking) and ``num_maskmem +
@@ -31,49 +32,34 @@ import collections
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sam2_fast.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
-from sam2_fast.modeling.rope import RoPEAttention, rotate_pairs
+from sam2_fast.modeling.rope import RoPEAttention
 
 _MAX_BUFFER_SETS = 8  # (bucket, batch, dtype, ...) combinations kept before the cache is reset
 
 
-def _rotate_keys(k: Tensor, k_cos: Tensor, k_sin: Tensor, num_spatial_slots: int) -> Tensor:
-    """Rotate the spatial slots of k (B, h, Nk, D); the pointer region passes unrotated."""
-    spatial = rotate_pairs(k[..., :num_spatial_slots, :], k_cos, k_sin)
-    return torch.cat([spatial, k[..., num_spatial_slots:, :]], dim=-2)
-
-
 def _attention_mask(key_ok: Tensor) -> Optional[Tensor]:
-    """SDPA mask (1, 1, 1, Nk) from the (Nk,) key-validity flags (False -> score -inf)."""
-    return key_ok.view(1, 1, 1, -1)
-
-
-def _masked_cross_attention(attn: RoPEAttention, q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor,
-                            k_cos: Tensor, k_sin: Tensor, num_spatial_slots: int) -> Tensor:
-    """RoPE cross-attention over the padded bank. q: (B, HW, C); k, v: (B, Nk, mem_dim)."""
-    qh, kh, vh = attn._project(q, k, v)  # (B, heads, N, D)
-    cos, sin = attn.rope_table(qh.shape[-2], qh.device)
-    qh = rotate_pairs(qh, cos, sin)
-    kh = _rotate_keys(kh, k_cos, k_sin, num_spatial_slots)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_attention_mask(key_ok))
-    return attn._merge(out)
+    """The cross-attention's key mask (Nk,) from the key-validity flags (False -> score -inf)."""
+    return key_ok
 
 
 def _layer_step(layer: MemoryAttentionLayer, x: Tensor, mem: Tensor, mem_pos: Optional[Tensor],
-                query_pos: Optional[Tensor], key_ok: Tensor, k_cos: Tensor, k_sin: Tensor,
-                num_spatial_slots: int) -> Tensor:
-    """One memory-attention layer (eval) with the masked cross-attention; x: (B, HW, C)."""
+                query_pos: Optional[Tensor], key_ok: Tensor, num_spatial_slots: int) -> Tensor:
+    """One memory-attention layer (eval) over the padded bank; x: (B, HW, C), mem (B, Nk, mem_dim).
+
+    The cross-attention is the module's own (value space, RoPE broadcast over frames) with
+    the whole region after the spatial slots left unrotated and padded keys masked.
+    """
     h = layer.norm1(x)
     qk = h + query_pos if (layer.pos_enc_at_attn and query_pos is not None) else h
     x = x + layer.self_attn(qk, qk, h)  # the frame's own tokens: already a static shape
     h = layer.norm2(x)
     q = h + query_pos if (layer.pos_enc_at_cross_attn_queries and query_pos is not None) else h
     k = mem + mem_pos if (layer.pos_enc_at_cross_attn_keys and mem_pos is not None) else mem
-    x = x + _masked_cross_attention(layer.cross_attn_image, q, k, mem, key_ok, k_cos, k_sin,
-                                    num_spatial_slots)
+    x = x + layer.cross_attn_image(q, k, mem, num_k_exclude_rope=mem.shape[1] - num_spatial_slots,
+                                   key_mask=_attention_mask(key_ok))
     return x + layer.linear2(layer._act(layer.linear1(layer.norm3(x))))
 
 
@@ -113,7 +99,7 @@ class StaticMemoryBank(nn.Module):
         self.align = align
         self.counters = counters if counters is not None else collections.Counter()
         self._buffers_by_key: Dict[tuple, Tuple[Tensor, Tensor, Tensor]] = {}
-        self._tiled: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self._warm_grids: set = set()
         # the function run on the padded bank; enable_fast_runtime may compile / graph it
         self.core: Callable[..., Tensor] = self.padded_forward
 
@@ -170,10 +156,10 @@ class StaticMemoryBank(nn.Module):
         hw, batch = curr.shape[0], curr.shape[1]
         dtype = torch.promote_types(memory.dtype, curr.dtype)  # as MemoryAttention widens
         mem, mem_pos, key_ok = self._stage(frames, hw, batch, dtype, memory, memory_pos, n_spatial, n_ptr)
-        k_cos, k_sin = self._tiled_table(frames, hw, curr.device)
+        self._warm_tables(hw, curr.device)
         self.counters["bank_calls"] += 1
         self.counters[f"bank_bucket_{frames}"] += 1
-        return self.core(curr, curr_pos, mem, mem_pos, key_ok, k_cos, k_sin)
+        return self.core(curr, curr_pos, mem, mem_pos, key_ok, self.layout(frames, hw)[0])
 
     def _fallback(self, reason: str, curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens) -> Tensor:
         self.counters["bank_fallbacks"] += 1
@@ -230,34 +216,30 @@ class StaticMemoryBank(nn.Module):
         key_ok[spatial_slots:ptr_stop] = True
         return mem, (mem_pos if memory_pos is not None else None), key_ok
 
-    def _tiled_table(self, frames: int, hw: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-        """The cross-attention RoPE table tiled over ``frames`` memory frames (frame-major)."""
-        cross = self.inner.layers[0].cross_attn_image
-        key = (frames, hw, cross.head_dim, cross.rope_theta, str(device))
-        table = self._tiled.get(key)
-        if table is None:
-            cos, sin = cross.rope_table(hw, device)
-            table = (cos.repeat(frames, 1), sin.repeat(frames, 1))
-            self._tiled[key] = table
-            for layer in self.inner.layers:  # warm every layer's own table cache before capture
-                layer.cross_attn_image.rope_table(hw, device)
-                if isinstance(layer.self_attn, RoPEAttention):
-                    layer.self_attn.rope_table(hw, device)
-        return table
+    def _warm_tables(self, hw: int, device: torch.device) -> None:
+        """Build every layer's RoPE table of the ``hw`` grid once, before any graph capture."""
+        key = (hw, str(device))
+        if key in self._warm_grids:
+            return
+        for layer in self.inner.layers:
+            layer.cross_attn_image.rope_table(hw, device)
+            if isinstance(layer.self_attn, RoPEAttention):
+                layer.self_attn.rope_table(hw, device)
+        self._warm_grids.add(key)
 
     def padded_forward(self, curr: Tensor, curr_pos: Optional[Tensor], mem: Tensor,
-                       mem_pos: Optional[Tensor], key_ok: Tensor, k_cos: Tensor, k_sin: Tensor) -> Tensor:
+                       mem_pos: Optional[Tensor], key_ok: Tensor, num_spatial_slots: int) -> Tensor:
         """The static-shape computation: curr, curr_pos (HW, B, C); mem, mem_pos (B, Nk, mem_dim);
-        key_ok (Nk,); k_cos/k_sin (spatial slots, D/2). Returns (HW, B, C)."""
+        key_ok (Nk,); ``num_spatial_slots`` = bucket frames x HW (a constant of the bucket, so
+        compiled code and graphs specialise on it). Returns (HW, B, C)."""
         inner = self.inner
         x = curr
         if inner.pos_enc_at_input and curr_pos is not None:
             x = x + 0.1 * curr_pos
         x = x.transpose(0, 1)  # (B, HW, C)
         query_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
-        num_spatial_slots = k_cos.shape[0]
         for layer in inner.layers:
-            x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, k_cos, k_sin, num_spatial_slots)
+            x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, num_spatial_slots)
         return inner.norm(x).transpose(0, 1)
 
 
