@@ -129,55 +129,27 @@ def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: b
 def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
                         repeat_k: bool = False, num_k_exclude: int = 0, dropout_p: float = 0.0,
                         key_mask: Optional[Tensor] = None) -> Tensor:
-    """Rotate then attend. Where the memory-attention Triton kernel is enabled
-    (``kernel_gate.kernel_enabled``) the call goes to the fused dispatchers
-    (RoPE inside the kernel); otherwise this PyTorch path runs unchanged.
+    """Rotate then attend.
 
     q (B, h, Nq, D), k (B, h, Nk, D), v (B, h, Nk, Dv): projected, NOT yet rotated;
     cos/sin (Nq, D/2) float32 tables of the query grid; key_mask None or (Nk,) bool
     (True = attend; the static bank's padded keys). Returns (B, h, Nq, Dv).
+    Where the memory-attention kernels are enabled (CUDA), the unmasked inference call goes
+    to the dispatcher's selection layer (the value-space Triton kernel at d_v = D, or an SDPA
+    backend, whichever measured fastest on this card): the memory self-attention. The old
+    kernel that rotated inside (``kernels/memory_attention.py``) ran at 20-25 TFLOP/s on an
+    H200, 20-35x slower than the value-space kernel, and is no longer wired.
     """
-    if key_mask is None and dropout_p == 0.0 and kernel_gate.kernel_enabled("memory_attention", q.device.type):
-        fused = _fused_rope_attention(q, k, v, cos, sin, repeat_k, num_k_exclude)
-        if fused is not None:
-            return fused
     q, k = apply_axial_rope(q, k, cos, sin, repeat_k=repeat_k, num_k_exclude=num_k_exclude)
+    if (key_mask is None and dropout_p == 0.0 and not (torch.is_grad_enabled() and q.requires_grad)
+            and kernel_gate.kernel_enabled("memory_attention", q.device.type)):
+        b, h, nq, d = q.shape
+        qf, kf, vf = (t.reshape(b * h, t.shape[-2], t.shape[-1]) for t in (q, k, v))  # views for h == 1
+        out = kernel_gate.dispatch().memory_attention_vspace(qf, kf, vf)
+        return out.view(b, h, nq, v.shape[-1])
     if key_mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask.view(1, 1, 1, -1), dropout_p=dropout_p)
     return _tf.attention_core(q, k, v, dropout_p=dropout_p)
-
-
-def _fused_rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-                          repeat_k: bool, num_k_exclude: int):
-    """The call through the fused-kernel dispatchers, or None for a layout they do not take.
-
-    Self-attention (keys are the query grid): ``rope_self_attention``. Cross-attention to
-    memories: the rotated keys are S query-sized frames back to back, which is exactly a
-    slot bank (B, S, HW, D) viewed in place with slot_ids 0..S-1; the trailing
-    ``num_k_exclude`` tokens are the unrotated object pointers. Heads fold into the batch
-    (memory attention has one head, so that is a view too).
-    """
-    kernels = kernel_gate.dispatch()
-    b, h, nq, d = q.shape
-    nk = k.shape[-2]
-    n_rot = nk - num_k_exclude
-    if v.shape[-1] != d or not 0 <= num_k_exclude <= nk or n_rot % nq:
-        return None  # the PyTorch path explains the problem (or handles Dv != D)
-    if not repeat_k and n_rot not in (0, nq):
-        return None
-    # (B, h, N, D) -> (B*h, N, D); a view when h == 1
-    qf, kf, vf = (t.reshape(b * h, t.shape[-2], t.shape[-1]) for t in (q, k, v))
-    if not repeat_k and num_k_exclude == 0:
-        out = kernels.rope_self_attention(qf, kf, vf, cos, sin)  # (B*h, Nq, D)
-        return out.view(b, h, nq, d)
-    n_slots = n_rot // nq
-    bank_k = kf[:, :n_rot].unflatten(1, (n_slots, nq))  # (B*h, S, HW, D), a view
-    bank_v = vf[:, :n_rot].unflatten(1, (n_slots, nq))
-    ptr_k = kf[:, n_rot:] if num_k_exclude else None  # (B*h, P, D)
-    ptr_v = vf[:, n_rot:] if num_k_exclude else None
-    slots = torch.arange(n_slots, dtype=torch.int32, device=q.device)
-    out = kernels.memory_cross_attention(qf, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
-    return out.view(b, h, nq, d)
 
 
 class RoPEAttention(Attention):
@@ -227,21 +199,19 @@ class RoPEAttention(Attention):
     def uses_value_space(self, q: Tensor, key_mask: Optional[Tensor]) -> bool:
         """Whether this call attends over the raw values (``value_space``) and folds the value
         projection into the output. Not under attention dropout (rows would no longer sum to
-        one), and not where the memory-attention Triton kernel takes the unmasked call: that
-        kernel still wants projected values (it keeps today's wiring until it reads 64-d ones)."""
-        if not self.value_space or self.active_dropout > 0.0:
-            return False
-        return key_mask is not None or not kernel_gate.kernel_enabled("memory_attention", q.device.type)
+        one)."""
+        return self.value_space and self.active_dropout == 0.0
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, num_k_exclude_rope: int = 0,
-                key_mask: Optional[Tensor] = None) -> Tensor:
+                key_mask: Optional[Tensor] = None, key_ranges: Optional[Tensor] = None) -> Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, kv_in_dim); the last ``num_k_exclude_rope`` keys skip RoPE.
-        key_mask: None or (Nk,) bool, True where a key takes part (padded static banks)."""
+        key_mask: None or (Nk,) bool, True where a key takes part (padded static banks);
+        key_ranges: None or (B, 4) int32, the same keys as two ranges (lets the kernel take it)."""
         if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (k.shape[1],)):
             raise ValueError(f"key_mask must be a ({k.shape[1]},) bool tensor, got {tuple(key_mask.shape)} "
                              f"{key_mask.dtype}")
         if self.uses_value_space(q, key_mask):
-            return self._forward_value_space(q, k, v, num_k_exclude_rope, key_mask)
+            return self._forward_value_space(q, k, v, num_k_exclude_rope, key_mask, key_ranges)
         qh, kh, vh = self._project(q, k, v)  # (B, heads, N, D)
         cos, sin = self.rope_table(qh.shape[-2], qh.device)
         out = rope_attention_core(qh, kh, vh, cos, sin, repeat_k=self.rope_k_repeat,
@@ -250,7 +220,7 @@ class RoPEAttention(Attention):
         return self._merge(out)
 
     def _forward_value_space(self, q: Tensor, k: Tensor, m: Tensor, num_k_exclude: int,
-                             key_mask: Optional[Tensor]) -> Tensor:
+                             key_mask: Optional[Tensor], key_ranges: Optional[Tensor] = None) -> Tensor:
         """The same result as the plain path, attending over the raw values m (B, Nk, kv_in)."""
         qh, kh = self._project_qk(q, k, m)  # (B, heads, N, D)
         b, heads, nq, _ = qh.shape
@@ -260,8 +230,9 @@ class RoPEAttention(Attention):
         # heads fold into the batch; every head reads the same raw values (a view for 1 head)
         vals = m.to(qh.dtype) if not torch.is_autocast_enabled(m.device.type) else m
         vals = vals.unsqueeze(1).expand(b, heads, nk, kv_in).reshape(b * heads, nk, kv_in)
+        ranges = None if key_ranges is None or heads == 1 else key_ranges.repeat_interleave(heads, 0)
         out = value_space.attend_value_space(qh.reshape(b * heads, nq, -1), kh.reshape(b * heads, nk, -1),
-                                             vals, key_mask)  # (B*heads, Nq, kv_in)
+                                             vals, key_mask, ranges)  # (B*heads, Nq, kv_in)
         out = out.view(b, heads, nq, kv_in).transpose(1, 2).reshape(b, nq, heads * kv_in)
         weight, bias = value_space.fused_value_output(self.v_proj, self.out_proj, heads)
         return F.linear(out, weight, bias)  # (B, Nq, C)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sam2_fast.modeling import kernel_gate
+
 # Rows of queries per CPU chunk are chosen so that one chunk's score matrix holds about
 # this many fp32 elements (16 MiB): measured best on this 2-core CPU at 512 px
 # (512 queries x 7232 keys, 30.8 ms vs 33.9 for 256 rows and 42.7 for SDPA's math path).
@@ -70,25 +72,37 @@ def fused_value_output(v_proj: nn.Linear, out_proj: nn.Linear, num_heads: int) -
 
 
 def attend_value_space(q_rot: Tensor, k_rot: Tensor, v_small: Tensor,
-                       key_mask: Optional[Tensor] = None) -> Tensor:
+                       key_mask: Optional[Tensor] = None, key_ranges: Optional[Tensor] = None) -> Tensor:
     """softmax(q kᵀ / sqrt(Dqk)) v over raw (unprojected) values: the routing point.
 
     q_rot (B, Nq, Dqk) and k_rot (B, Nk, Dqk): projected and rotated; v_small (B, Nk, Dv);
-    key_mask: None, (Nk,) or (B, Nk) bool, True where a key takes part. Returns (B, Nq, Dv).
+    key_mask: None, (Nk,) or (B, Nk) bool, True where a key takes part; key_ranges: None or
+    (B, 4) int32, the same valid keys as two ranges [r0, r1) and [r2, r3) (the static bank
+    gives both). Returns (B, Nq, Dv).
 
-    ``F.scaled_dot_product_attention`` everywhere, except fp32 CPU inference: PyTorch's CPU
-    flash kernel refuses Dv != Dqk and SDPA falls back to its math path, slower than the
-    query-chunked product below (42.7 vs 30.8 ms at 512 px, 1024 x 7232 keys, measured).
+    Where the memory-attention kernels are enabled (CUDA by default) the call goes to the
+    dispatcher, whose selection layer runs our value-space Triton kernel or an SDPA backend,
+    whichever measured fastest on this card (a masked call needs ``key_ranges`` for that).
+    fp32 CPU inference takes the query-chunked product below: PyTorch's CPU flash kernel
+    refuses Dv != Dqk and SDPA falls back to its math path (42.7 vs 30.8 ms at 512 px, 1024 x
+    7232 keys, measured). Elsewhere SDPA, through the (B, 1, N, D) layout: its fused CUDA
+    backends refuse 3-D inputs and would silently leave the math backend (measured on an
+    H200: 4.1 ms instead of 0.16-0.27 for this shape).
     """
+    needs_grad = torch.is_grad_enabled() and (q_rot.requires_grad or k_rot.requires_grad or v_small.requires_grad)
+    if (not needs_grad and (key_mask is None or key_ranges is not None)
+            and kernel_gate.kernel_enabled("memory_attention", q_rot.device.type)):
+        ranges = None if key_mask is None else key_ranges
+        return kernel_gate.dispatch().memory_attention_vspace(q_rot, k_rot, v_small, ranges)
     mask = None
     if key_mask is not None:
         mask = key_mask.view(-1, 1, key_mask.shape[-1])  # (1 or B, 1, Nk): broadcast over queries
     if (q_rot.device.type == "cpu" and q_rot.dtype == torch.float32 and v_small.shape[-1] != q_rot.shape[-1]
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (q_rot.requires_grad or k_rot.requires_grad
-                                                  or v_small.requires_grad))):
+            and not torch.compiler.is_compiling() and not needs_grad):
         return _chunked_attention_cpu(q_rot, k_rot, v_small, mask)
-    return F.scaled_dot_product_attention(q_rot, k_rot, v_small, attn_mask=mask)
+    mask4 = None if mask is None else mask.unsqueeze(1)  # (1|B, 1, 1, Nk)
+    return F.scaled_dot_product_attention(q_rot.unsqueeze(1), k_rot.unsqueeze(1), v_small.unsqueeze(1),
+                                          attn_mask=mask4).squeeze(1)
 
 
 def _chunked_attention_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:

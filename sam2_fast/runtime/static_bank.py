@@ -45,8 +45,20 @@ def _attention_mask(key_ok: Tensor) -> Optional[Tensor]:
     return key_ok
 
 
+def key_ranges(key_ok: Tensor, num_spatial_slots: int, batch: int) -> Tensor:
+    """(B, 4) int32 ranges of the valid keys: [0, n_spatial) and [S, S + n_ptr), computed on
+    the device from the flags (no host sync, so a CUDA graph replays it with new counts).
+    Valid only for the bank's layout, where each region's valid keys are a prefix (_stage)."""
+    n_sp = key_ok[:num_spatial_slots].sum(dtype=torch.int32)
+    n_ptr = key_ok[num_spatial_slots:].sum(dtype=torch.int32)
+    zero = torch.zeros_like(n_sp)
+    start = torch.full_like(n_sp, num_spatial_slots)
+    return torch.stack([zero, n_sp, start, start + n_ptr]).expand(batch, 4).contiguous()
+
+
 def _layer_step(layer: MemoryAttentionLayer, x: Tensor, mem: Tensor, mem_pos: Optional[Tensor],
-                query_pos: Optional[Tensor], key_ok: Tensor, num_spatial_slots: int) -> Tensor:
+                query_pos: Optional[Tensor], key_ok: Tensor, num_spatial_slots: int,
+                ranges: Optional[Tensor] = None) -> Tensor:
     """One memory-attention layer (eval) over the padded bank; x: (B, HW, C), mem (B, Nk, mem_dim).
 
     The cross-attention is the module's own (value space, RoPE broadcast over frames) with
@@ -59,7 +71,7 @@ def _layer_step(layer: MemoryAttentionLayer, x: Tensor, mem: Tensor, mem_pos: Op
     q = h + query_pos if (layer.pos_enc_at_cross_attn_queries and query_pos is not None) else h
     k = mem + mem_pos if (layer.pos_enc_at_cross_attn_keys and mem_pos is not None) else mem
     x = x + layer.cross_attn_image(q, k, mem, num_k_exclude_rope=mem.shape[1] - num_spatial_slots,
-                                   key_mask=_attention_mask(key_ok))
+                                   key_mask=_attention_mask(key_ok), key_ranges=ranges)
     return x + layer.linear2(layer._act(layer.linear1(layer.norm3(x))))
 
 
@@ -238,8 +250,9 @@ class StaticMemoryBank(nn.Module):
             x = x + 0.1 * curr_pos
         x = x.transpose(0, 1)  # (B, HW, C)
         query_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
+        ranges = key_ranges(key_ok, num_spatial_slots, x.shape[0])  # once per frame, for every layer
         for layer in inner.layers:
-            x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, num_spatial_slots)
+            x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, num_spatial_slots, ranges)
         return inner.norm(x).transpose(0, 1)
 
 

@@ -13,6 +13,8 @@ wiring (padding bias dropped, pointer tokens dropped) failing by a wide margin.
 
 from __future__ import annotations
 
+import copy
+
 import os
 import sys
 
@@ -37,10 +39,10 @@ OBJ_BIAS = 1.0  # keeps both objects present with non-empty masks on every frame
 NUM_FRAMES = 5
 VIDEO_HW = (37, 51)  # odd frame size for the upsampling
 TINY_BLOCKS = 12  # Hiera-T: 1 + 2 + 7 + 2 blocks
-KERNELS = ("window_attention", "memory_attention", "rope_self_attention", "mask_upsample")
+KERNELS = ("window_attention", "vspace_attention", "mask_upsample")
 # which launch-counter names each environment switch turns off
 SWITCHED = {"window_attention": ("window_attention",),
-            "memory_attention": ("memory_attention", "rope_self_attention"),
+            "memory_attention": ("vspace_attention",),
             "mask_upsample": ("mask_upsample",)}
 
 STEPS = [
@@ -94,22 +96,20 @@ def tracked(models, clip_dir):
     off_rec = _track(models, ours, clip_dir, STEPS)
     assert K.launch_counts() == {}, "the CPU default must not launch kernels"
     cross_calls = []
-    inner = K.memory_cross_attention
+    inner = K.memory_attention_vspace
 
-    def spy(q, mem_k, mem_v, slot_ids, ptr_k=None, ptr_v=None, *args, **kwargs):
-        # bank and pointers in one storage: both are views of the projected keys, no copy
-        shared = ptr_k is None or (mem_k.untyped_storage().data_ptr()
-                                   == ptr_k.untyped_storage().data_ptr())
-        cross_calls.append((slot_ids.numel(), 0 if ptr_k is None else ptr_k.shape[1], shared))
-        return inner(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, *args, **kwargs)
+    def spy(q, k, v, ranges=None):
+        # (query tokens, keys, value width): the cross-attention attends in the 64-d space
+        cross_calls.append((q.shape[1], k.shape[1], v.shape[-1]))
+        return inner(q, k, v, ranges)
 
     K.reset_launch_counts()
-    K.memory_cross_attention = spy
+    K.memory_attention_vspace = spy
     try:
         with K.force_kernels():
             on_rec = _track(models, ours, clip_dir, STEPS)
     finally:
-        K.memory_cross_attention = inner
+        K.memory_attention_vspace = inner
     return ref_rec, off_rec, on_rec, K.launch_counts(), K.fallback_counts(), cross_calls
 
 
@@ -162,22 +162,22 @@ def test_every_kernel_ran_and_nothing_fell_back(tracked):
     for name in KERNELS:
         assert launches.get(name, 0) > 0, f"{name} never ran: {launches}"
     assert fallbacks == {}, f"kernels declined calls: {fallbacks}"
-    # the cross-attention saw several memory frames together with object pointers, and
-    # its slot bank was a view of the concatenated memory keys
-    assert any(slots >= 2 and ptrs > 0 for slots, ptrs, _ in cross_calls), cross_calls
-    assert all(is_view for *_, is_view in cross_calls)
+    # the cross-attention saw several memory frames together with object pointers (keys
+    # beyond a whole number of frames), in the 64-d value space
+    assert any(dv == 64 and nk >= 2 * nq and nk % nq for nq, nk, dv in cross_calls), cross_calls
 
 
 def test_mutation_dropping_pointer_tokens_fails(models, clip_dir, tracked, monkeypatch):
     """Pointer tokens must reach the kernel: leaving them out moves the masks widely."""
     _, ours = models
     off_rec = _track(models, ours, clip_dir, SHORT_STEPS)
-    inner = K.memory_cross_attention
+    inner = K.memory_attention_vspace
 
-    def no_pointers(q, mem_k, mem_v, slot_ids, ptr_k=None, ptr_v=None, *args, **kwargs):
-        return inner(q, mem_k, mem_v, slot_ids, None, None, *args, **kwargs)
+    def no_pointers(q, k, v, ranges=None):
+        n_sp = (k.shape[1] // q.shape[1]) * q.shape[1]  # whole memory frames; pointers after
+        return inner(q, k[:, :n_sp], v[:, :n_sp], ranges)
 
-    monkeypatch.setattr(K, "memory_cross_attention", no_pointers)
+    monkeypatch.setattr(K, "memory_attention_vspace", no_pointers)
     with K.force_kernels():
         bad_rec = _track(models, ours, clip_dir, SHORT_STEPS)
     worst = max(rel_err(a[3], b[3]) for a, b in zip(bad_rec, off_rec))
@@ -231,9 +231,29 @@ def test_memory_attention_module_with_kernels_matches_reference(models):
         expect = ref.memory_attention(args[0], args[1], args[2], args[3], num_obj_ptr_tokens=n_ptr)
         with K.force_kernels():
             got = ours.memory_attention(*args, num_obj_ptr_tokens=n_ptr)
-    assert K.launch_counts() == {"memory_attention": 4, "rope_self_attention": 4}
+    assert K.launch_counts() == {"vspace_attention": 8}  # 4 layers x (self + cross)
+    assert K.backend_counts() == {"memory_attention: sdpa": 8}  # fp32: never a Triton path
     err = rel_err(got, expect)
     assert err <= TOL, f"memory attention with kernels vs reference: {err:.2e}"
+
+
+def test_memory_attention_module_fp16_runs_the_vspace_kernel(models):
+    """In 16-bit the selection layer runs the Triton kernels (interpreter on CPU): the stack's
+    error against the fp32 reference is at most 2x that of the PyTorch path in fp16."""
+    ref, ours = models
+    g = torch.Generator().manual_seed(17)
+    hw, n_mem, n_ptr, batch = 16, 3, 8, 2
+    args = (torch.randn(hw, batch, 256, generator=g), torch.randn(n_mem * hw + n_ptr, batch, 64, generator=g),
+            torch.randn(hw, batch, 256, generator=g), torch.randn(n_mem * hw + n_ptr, batch, 64, generator=g))
+    half = copy.deepcopy(ours.memory_attention).half()
+    with torch.no_grad(), V.single_thread():
+        expect = ref.memory_attention(*args, num_obj_ptr_tokens=n_ptr)
+        plain = half(*(a.half() for a in args), num_obj_ptr_tokens=n_ptr)
+        with K.force_kernels():
+            got = half(*(a.half() for a in args), num_obj_ptr_tokens=n_ptr)
+    assert K.backend_counts() == {"memory_attention: triton": 8}, K.backend_counts()
+    e_kernel, e_plain = rel_err(got, expect), rel_err(plain, expect)
+    assert e_kernel <= 2 * e_plain, f"fp16 with kernels {e_kernel:.2e} vs PyTorch fp16 {e_plain:.2e}"
 
 
 def test_seams_trace_fullgraph_with_kernels(models):
