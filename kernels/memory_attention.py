@@ -39,6 +39,7 @@ import triton.language as tl
 
 from ._common import LaunchConfig, check_dtype, dot_precision, next_pow2, raise_if
 from ._softmax import online_softmax_step
+from .vspace_attention import _vspace_merge_kernel
 
 LOG2E = 1.4426950408889634
 # Head dims the kernel takes: powers of two (so that D/2 halves tile exactly).
@@ -142,31 +143,9 @@ def _mem_attn_kernel(
         tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
-@triton.jit
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, s_ob, s_ot, Nq, B, n_splits,
-                         D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out = sum_s w_s * part_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    m_ok = offs_m < Nq
-    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(n_splits):
-        row = (s * B + b).to(tl.int64) * Nq + offs_m
-        top = tl.maximum(top, tl.load(lse_ptr + row, mask=m_ok, other=float("-inf")))
-    den = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for s in range(n_splits):
-        row = (s * B + b).to(tl.int64) * Nq + offs_m
-        lse = tl.load(lse_ptr + row, mask=m_ok, other=float("-inf"))
-        w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(m_ok, top, 0.0)), 0.0)
-        part = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        den += w
-        acc += w[:, None] * part
-    o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
-    o_ptr = out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None] * s_ot + offs_d[None, :]
-    tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+# The split-KV merge is the value-space kernel's (same partial/lse layout, any power-of-two
+# width): one implementation of that reduction.
+_merge_splits_kernel = _vspace_merge_kernel
 
 
 # ----------------------------------------------------------------------------- RoPE tables
@@ -270,7 +249,7 @@ def all_configs(head_dims=HEAD_DIMS, dtypes=(torch.float16, torch.bfloat16)):
             # RoPE and split-KV are runtime flags: one variant per (dtype, head dim).
             out.append(("attn", dt, dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                          DOT_PREC=dot_precision(dt)), cfg))
-            out.append(("merge", dt, dict(D=d, BLOCK_M=MERGE_BLOCK_M), LaunchConfig(MERGE_BLOCK_M, 0, 4, 1)))
+            out.append(("merge", dt, dict(DV=d, BLOCK_M=MERGE_BLOCK_M), LaunchConfig(MERGE_BLOCK_M, 0, 4, 1)))
     return out
 
 
@@ -326,7 +305,7 @@ def memory_attention_triton(q, mem_k, mem_v, slot_ids, ptr_k=None, ptr_v=None,
     if splits > 1:
         _merge_splits_kernel[(triton.cdiv(nq, MERGE_BLOCK_M), b)](
             part, lse, out, out.stride(0), out.stride(1), nq, b, splits,
-            D=d, BLOCK_M=MERGE_BLOCK_M, num_warps=4, num_stages=1)
+            DV=d, BLOCK_M=MERGE_BLOCK_M, num_warps=4, num_stages=1)
     return out
 
 

@@ -56,6 +56,11 @@ DTYPES = (torch.float16, torch.bfloat16)  # fp32 never takes a path without tens
 MERGE_BLOCK_M = 64
 
 
+def merge_block_m(dv: int) -> int:
+    """Merge rows per program: 64 at d_v 64; 32 at d_v 256 (64 spilled 24 regs on an H200)."""
+    return MERGE_BLOCK_M if dv <= 64 else 32
+
+
 @triton.jit
 def _attend_block(q, k_ptrs, v_ptrs, tok, end, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
     """Fold one block of keys into (m, l, acc). q is pre-scaled by nothing; scores in log2."""
@@ -216,8 +221,8 @@ def all_configs():
                 for has in (False, True):
                     out.append(("attn", dt, dict(DK=dk, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                                  HAS_RANGES=has), cfg, cap))
-                out.append(("merge", dt, dict(DV=dv, BLOCK_M=MERGE_BLOCK_M),
-                            LaunchConfig(MERGE_BLOCK_M, 0, 4, 1), cap))
+                out.append(("merge", dt, dict(DV=dv, BLOCK_M=merge_block_m(dv)),
+                            LaunchConfig(merge_block_m(dv), 0, 4, 1), cap))
     return out
 
 
@@ -292,9 +297,10 @@ def vspace_attention_triton(q, k, v, ranges: Optional[torch.Tensor] = None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        _vspace_merge_kernel[(triton.cdiv(nq, MERGE_BLOCK_M), b)](
+        mbm = merge_block_m(dv)
+        _vspace_merge_kernel[(triton.cdiv(nq, mbm), b)](
             part, lse, out, out.stride(0), out.stride(1), nq, b, splits,
-            DV=dv, BLOCK_M=MERGE_BLOCK_M, num_warps=4, num_stages=1)
+            DV=dv, BLOCK_M=mbm, num_warps=4, num_stages=1)
     return out
 
 

@@ -77,7 +77,7 @@ def known_failure(v, check: str, cc: int):
         return ("vspace comparison variant d_v 256 (no model path): 4-52 B spills at 255 "
                 "registers", False)
     if v.name == "vspace_merge_kernel" and check == "spills" and tile["DV"] == 256 and cc >= 90:
-        return "vspace merge at d_v 256 (no model path): sm_90 272 B spills", False
+        return "vspace merge at d_v 256 (self-attention candidate): sm_90 272 B spills at BLOCK_M 64, now 32", False
     return None
 
 
@@ -196,9 +196,10 @@ def test_launches_cover_every_listed_config():
     listed = {
         "window_attn_kernel": [(dt, c, cfg) for dt, c, cfg in wa.all_configs(head_dims)],
         "mem_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "attn"],
-        "merge_splits_kernel": [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "merge"],
         "vspace_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "attn"],
-        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"],
+        # one merge kernel serves both launchers (ma._merge_splits_kernel is vs._vspace_merge_kernel)
+        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"]
+        + [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "merge"],
         "upsample_threshold_kernel": list(mu.all_configs()),
     }
     want = {(k, C.TL_NAME[str(dt).split(".")[-1]], tuple(sorted(c.items())), cfg.num_warps)
