@@ -166,8 +166,19 @@ def _enable_fast_runtime(predictor):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def download_cache_dir() -> str:
+    """Where ``sam2-fast download`` puts checkpoints: ``$SAM2_FAST_HOME``, else
+    ``$XDG_CACHE_HOME/sam2_fast`` (``~/.cache/sam2_fast``)."""
+    home = os.environ.get("SAM2_FAST_HOME")
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "sam2_fast")
+
+
 def checkpoint_search_paths(filename: str, model_id: str) -> list:
-    """Where a checkpoint is looked for before any download, in order."""
+    """Where a checkpoint is looked for before any download, in order (the download cache of
+    ``sam2-fast download`` last, so ``from_pretrained`` finds what the command fetched)."""
     places = []
     env_dir = os.environ.get("SAM2_FAST_CHECKPOINT_DIR") or os.environ.get("SAM2_CHECKPOINT_DIR")
     if env_dir:
@@ -178,6 +189,7 @@ def checkpoint_search_paths(filename: str, model_id: str) -> list:
     )
     repo_dir = os.path.join(hf_home, "models--" + model_id.replace("/", "--"), "snapshots")
     places += sorted(glob.glob(os.path.join(repo_dir, "*", filename)))
+    places.append(os.path.join(download_cache_dir(), filename))
     return places
 
 

@@ -104,3 +104,19 @@ def test_official_addresses():
     assert resolve_model("facebook/sam2-hiera-base-plus").url() == \
         "https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_base_plus.pt"
     assert resolve_model("configs/sam2.1/sam2.1_hiera_s.yaml").name == "sam2.1_hiera_small"
+
+
+def test_from_pretrained_finds_the_download_cache(tmp_path, monkeypatch):
+    """What ``sam2-fast download`` fetched (into $SAM2_FAST_HOME) is where the builders look."""
+    from sam2_fast import build_sam
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("SAM2_FAST_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(work))
+    monkeypatch.delenv("SAM2_FAST_CHECKPOINT_DIR", raising=False)
+    monkeypatch.delenv("SAM2_CHECKPOINT_DIR", raising=False)
+    monkeypatch.chdir(work)  # no ./checkpoints, no file in the working directory
+    ckpt = home / "sam2.1_hiera_tiny.pt"
+    ckpt.write_bytes(b"placeholder")  # only the lookup is under test
+    config, path = build_sam.find_checkpoint("facebook/sam2.1-hiera-tiny")
+    assert path == str(ckpt) and config.endswith("sam2.1_hiera_t.yaml")

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from sam2_fast.build_sam import DOWNLOAD_BASE, checkpoint_search_paths
+from sam2_fast.build_sam import DOWNLOAD_BASE, checkpoint_search_paths, download_cache_dir
 
 
 class CliError(Exception):
@@ -75,12 +75,8 @@ def default_base_url() -> str:
 
 
 def cache_dir() -> str:
-    """Where ``sam2-fast download`` puts checkpoints."""
-    home = os.environ.get("SAM2_FAST_HOME")
-    if home:
-        return os.path.abspath(os.path.expanduser(home))
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "sam2_fast")
+    """Where ``sam2-fast download`` puts checkpoints (one definition, in build_sam)."""
+    return download_cache_dir()
 
 
 def checkpoint_places(info: ModelInfo) -> List[str]:
