@@ -102,6 +102,15 @@ quick)
     BUDGET=$(( LIMIT - $(elapsed) - 25 ))
     [ "$BUDGET" -gt 30 ] && bench quick --model tiny --objects 1,8 --frames 24 "${SIZE[@]}" \
         --ladder bf16,bf16-kernels --reference ref-eager-fp32,ref-bf16
+    # 4. where the eager frame goes (top kernels/ops per stage), ours then the reference: the
+    #    first H200 run found our eager bf16 slower than the reference's (32 vs 20 ms/frame)
+    for impl in ours reference; do
+        left=$(( LIMIT - $(elapsed) - 20 )); [ "$left" -lt 45 ] && break
+        [ "$impl" = ours ] && left=$(( left / 2 ))
+        timeout -k 5 "$left" "$PY" -m sam2_fast.cli profile --model tiny --impl "$impl" "${PSIZE[@]}" \
+            --out "$WORK/profiles" 2>&1 | tail -80 | tee -a "$WORK/profile.txt"
+    done
+    rm -rf "$WORK/profiles/_traces"
     ;;
 correctness)
     timeout -k 10 $(( LIMIT - $(elapsed) )) "$PY" -m pytest tests -m cuda -q -rA -p no:cacheprovider \
