@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels as _bench_kernels  # noqa: E402  (shares its case lists)
+
 ROWS: List[Dict] = []
 # --smoke (CPU, TRITON_INTERPRET=1): shapes divided by SCALE, fp16 for bf16, one timed call;
 # checks this script's plumbing before a GPU lease, says nothing about speed.
@@ -289,15 +292,8 @@ def memory_self() -> None:
         flops, flops, gold, jitfns=(va._vspace_attn_kernel,))
 
 
-WINDOW_CASES = [  # (name, B, H, W, heads, head_dim, window, q_pool) at 1024 px
-    ("tiny-s1-win8", 1, 256, 256, 1, 96, 8, False),
-    ("tiny-s2-pool", 1, 256, 256, 2, 96, 8, True),
-    ("tiny-s3-win14", 1, 64, 64, 4, 96, 14, False),
-    ("tiny-s3-global", 1, 64, 64, 4, 96, 0, False),
-    ("large-s3-win14", 1, 64, 64, 8, 72, 14, False),
-    ("large-s4-global", 1, 32, 32, 16, 72, 0, False),
-    ("bplus-s3-global", 1, 64, 64, 8, 56, 0, False),
-]
+# The micro-benchmark suite's Hiera blocks at 1024 px (one list), plus large's global stage 4.
+WINDOW_CASES = _bench_kernels.WINDOW_CASES + [("large-s4-global", 1, 32, 32, 16, 72, 0, False)]
 
 
 def window() -> None:

@@ -40,10 +40,11 @@ def _triton_ok(t: torch.Tensor) -> Optional[str]:
 # args: q (B, Nq, DK), k (B, Nk, DK), v (B, Nk, DV), ranges (B, 4) int32 | None
 
 
-def _sdpa_forced(backend):
-    def run(q, k, v, ranges):
+def _under(backend, fn):
+    """``fn`` (a PyTorch path) with SDPA restricted to one backend."""
+    def run(*args):
         with sdpa_kernel(backend):
-            return _va.vspace_attention_reference(q, k, v, ranges)
+            return fn(*args)
     return run
 
 
@@ -64,9 +65,10 @@ MEMORY_ATTENTION = Slot(
     candidates=(
         Candidate("triton", _va.vspace_attention_triton, _vspace_triton_unsupported),
         Candidate("sdpa", _va.vspace_attention_reference),
-        Candidate("sdpa-efficient", _sdpa_forced(SDPBackend.EFFICIENT_ATTENTION)),
-        Candidate("sdpa-cudnn", _sdpa_forced(SDPBackend.CUDNN_ATTENTION)),
-        Candidate("sdpa-flash", _sdpa_forced(SDPBackend.FLASH_ATTENTION), _flash_unsupported),
+        Candidate("sdpa-efficient", _under(SDPBackend.EFFICIENT_ATTENTION, _va.vspace_attention_reference)),
+        Candidate("sdpa-cudnn", _under(SDPBackend.CUDNN_ATTENTION, _va.vspace_attention_reference)),
+        Candidate("sdpa-flash", _under(SDPBackend.FLASH_ATTENTION, _va.vspace_attention_reference),
+                  _flash_unsupported),
     ),
     reference=lambda q, k, v, r: _va.vspace_attention_reference(q.float(), k.float(), v.float(), r),
     bucket=lambda q, k, v, r: (str(q.dtype), _pow2_bucket(q.shape[0]), q.shape[1], -(-k.shape[1] // 4096) * 4096,
@@ -81,13 +83,6 @@ MEMORY_ATTENTION = Slot(
 # args: qkv (B, H, W, 3C), qkv_bias (3C,) | None, num_heads, window, q_pool
 
 
-def _window_sdpa(backend):
-    def run(qkv, bias, heads, window, pool):
-        with sdpa_kernel(backend):
-            return _wa.window_attention_reference(qkv, bias, heads, window, pool)
-    return run
-
-
 def _window_triton_unsupported(qkv, bias, heads, window, pool) -> Optional[str]:
     if qkv.dtype == torch.float32 and qkv.device.type == "cuda":
         return "fp32 on CUDA: the kernel's ieee dot has no tensor cores; SDPA is faster"
@@ -99,9 +94,9 @@ WINDOW_ATTENTION = Slot(
     candidates=(
         Candidate("triton", _wa.window_attention_triton, _window_triton_unsupported),
         Candidate("torch", _wa.window_attention_reference),
-        Candidate("torch-efficient", _window_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
-        Candidate("torch-flash", _window_sdpa(SDPBackend.FLASH_ATTENTION)),
-        Candidate("torch-cudnn", _window_sdpa(SDPBackend.CUDNN_ATTENTION)),
+        Candidate("torch-efficient", _under(SDPBackend.EFFICIENT_ATTENTION, _wa.window_attention_reference)),
+        Candidate("torch-flash", _under(SDPBackend.FLASH_ATTENTION, _wa.window_attention_reference)),
+        Candidate("torch-cudnn", _under(SDPBackend.CUDNN_ATTENTION, _wa.window_attention_reference)),
     ),
     reference=lambda qkv, b, h, w, p: _wa.window_attention_reference(
         qkv.float(), None if b is None else b.float(), h, w, p),
