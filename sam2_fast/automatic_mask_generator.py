@@ -231,12 +231,19 @@ class SAM2AutomaticMaskGenerator:
 
     # ------------------------------------------------------------------ one batch of points
     def _decode(self, coords: torch.Tensor, labels: torch.Tensor, mask_input: Optional[torch.Tensor],
-                multimask: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The image predictor's decode for (B, 1, 2) model-frame clicks: (B, C, H, W)
-        logits at crop size, (B, C) predicted IoU, (B, C, h, w) low-res logits (clamped)."""
+                multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The image predictor's decoder for (B, 1, 2) model-frame clicks: raw low-res logits
+        (B, C, h, w) and predicted IoU (B, C). Nothing is upsampled here: most candidates
+        fail the IoU / stability filters, so only the kept ones are brought to crop size."""
         prompts = Prompts(coords=coords, labels=labels, boxes=None, mask=mask_input)
-        feats, orig_hw = self.predictor._ready_state("set_image")
-        return self.predictor._predict(prompts, multimask, True, feats, orig_hw[-1])
+        feats, _ = self.predictor._ready_state("set_image")
+        return self.predictor._decode_low_res(prompts, multimask, feats)
+
+    def _upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(n, h, w) low-res logits -> (n, H, W) logits at the crop's size (the predictor's own
+        post-processing; per mask, so filtering first changes no kept mask)."""
+        _, orig_hw = self.predictor._ready_state("set_image")
+        return self.predictor._transforms.postprocess_masks(low_res[:, None], orig_hw[-1])[:, 0]
 
     def _process_batch(self, points: np.ndarray, im_size: Tuple[int, ...], crop_box: List[int],
                        orig_size: Tuple[int, ...], normalize: bool = False) -> A.MaskData:
@@ -245,20 +252,20 @@ class SAM2AutomaticMaskGenerator:
         pts = torch.as_tensor(points, dtype=torch.float32, device=dev)  # (B, 2) crop pixels
         in_pts = self.predictor._transforms.transform_coords(pts, normalize=normalize, orig_hw=im_size)
         labels = torch.ones(in_pts.shape[0], 1, dtype=torch.int32, device=dev)
-        masks, iou, low_res = self._decode(in_pts[:, None, :], labels, None, self.multimask_output)
-        c = masks.shape[1]
-        masks, iou, low_res = masks.flatten(0, 1), iou.flatten(0, 1), low_res.flatten(0, 1)  # (N, ...)
+        low_res, iou = self._decode(in_pts[:, None, :], labels, None, self.multimask_output)
+        c = low_res.shape[1]
+        low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)  # (N, h, w), (N,)
         pts = pts.repeat_interleave(c, dim=0)  # (N, 2)
-        if self.use_m2m:  # one refinement step with each mask as the mask prompt
+        if self.use_m2m:  # one refinement step with each (clamped, as the official) mask as the prompt
             in_pts = self.predictor._transforms.transform_coords(pts, normalize=normalize, orig_hw=im_size)
-            masks, iou = self.refine_with_m2m(in_pts, torch.ones(len(pts), dtype=torch.int32, device=dev),
-                                              low_res, self.points_per_batch or len(pts))
-            masks, iou = masks.squeeze(1), iou.squeeze(1)
-        del low_res
-        keep = torch.ones_like(iou, dtype=torch.bool)
+            low_res, iou = self._refine_low_res(in_pts, torch.ones(len(pts), dtype=torch.int32, device=dev),
+                                                low_res.clamp(-32.0, 32.0), self.points_per_batch or len(pts))
+            low_res, iou = low_res.squeeze(1), iou.squeeze(1)
         if self.pred_iou_thresh > 0.0:
             keep = iou > self.pred_iou_thresh
-        masks, iou, pts = masks[keep], iou[keep], pts[keep]
+            low_res, iou, pts = low_res[keep], iou[keep], pts[keep]
+        masks = self._upsample(low_res)  # (n, H, W): only the candidates that passed the IoU filter
+        del low_res
         stability = A.calculate_stability_score(masks, self.mask_threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
@@ -276,10 +283,17 @@ class SAM2AutomaticMaskGenerator:
     def refine_with_m2m(self, points: torch.Tensor, point_labels: torch.Tensor, low_res_masks: torch.Tensor,
                         points_per_batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode each (model-frame) point again with its own low-res mask as the mask
-        prompt, single-mask output: (N, 1, H, W) logits and (N, 1) predicted IoU."""
+        prompt, single-mask output: (N, 1, H, W) logits and (N, 1) predicted IoU (the
+        official method's results; the generator itself upsamples after filtering)."""
+        low_res, iou = self._refine_low_res(points, point_labels, low_res_masks, points_per_batch)
+        return self._upsample(low_res[:, 0])[:, None], iou
+
+    def _refine_low_res(self, points: torch.Tensor, point_labels: torch.Tensor, low_res_masks: torch.Tensor,
+                        points_per_batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`refine_with_m2m` before upsampling: (N, 1, h, w) raw logits, (N, 1) IoU."""
         new_masks, new_ious = [], []
         for cur_pts, cur_labels, low in A.batch_iterator(points_per_batch, points, point_labels, low_res_masks):
-            m, i, _ = self._decode(cur_pts[:, None, :], cur_labels[:, None], low[:, None], False)
+            m, i = self._decode(cur_pts[:, None, :], cur_labels[:, None], low[:, None], False)
             new_masks.append(m)
             new_ious.append(i)
         return torch.cat(new_masks, dim=0), torch.cat(new_ious, dim=0)

@@ -158,6 +158,19 @@ class SAM2ImagePredictor:
     def _predict(self, prompts: Prompts, multimask_output: bool, return_logits: bool,
                  feats: ImageFeatures, orig_hw: Tuple[int, int], img_idx: int = -1
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        low_res, iou = self._decode_low_res(prompts, multimask_output, feats, img_idx)
+        masks = self._transforms.postprocess_masks(low_res, orig_hw)
+        # logits are clamped for reuse as mask_input, as the official predictor does
+        low_res = low_res.clamp(-32.0, 32.0)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks, iou, low_res
+
+    @torch.no_grad()
+    def _decode_low_res(self, prompts: Prompts, multimask_output: bool, feats: ImageFeatures,
+                        img_idx: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The decoder alone: raw (unclamped) low-res logits (B, C, h, w) and IoU (B, C);
+        callers that filter candidates (the mask generator) upsample only the kept ones."""
         points = prompts.sparse_points()
         sparse, dense = self.model.sam_prompt_encoder(points=points, boxes=None, masks=prompts.mask)
         # several prompt sets on one image: the decoder repeats the image embedding per set
@@ -171,12 +184,7 @@ class SAM2ImagePredictor:
             repeat_image=repeat,
             high_res_features=[lvl[img_idx].unsqueeze(0) for lvl in feats["high_res_feats"]],
         )
-        masks = self._transforms.postprocess_masks(low_res, orig_hw)
-        # logits are clamped for reuse as mask_input, as the official predictor does
-        low_res = low_res.clamp(-32.0, 32.0)
-        if not return_logits:
-            masks = masks > self.mask_threshold
-        return masks, iou, low_res
+        return low_res, iou
 
     @staticmethod
     def _to_numpy(*tensors: torch.Tensor) -> Tuple[np.ndarray, ...]:

@@ -176,3 +176,21 @@ def test_cuda_preprocessing_close_to_cpu():
     gpu = ImageTransforms(1024, device="cuda")(img)
     assert gpu.is_cuda
     assert_close_rel(gpu.cpu(), cpu, 1e-6, "image")
+
+
+def test_read_only_array_is_accepted_without_warning():
+    """Frames from np.frombuffer / memory maps are read-only: wrapping them must neither warn
+    (torch's non-writable-array warning) nor alias memory the caller froze."""
+    import warnings
+
+    from sam2_fast.utils.transforms import image_to_uint8_chw
+
+    frame = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    frozen = frame.copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = image_to_uint8_chw(frozen)
+    assert torch.equal(out, image_to_uint8_chw(frame))
+    out.fill_(0)  # the result is the caller's to edit; the frozen frame is untouched
+    assert np.array_equal(frozen, frame)

@@ -102,7 +102,10 @@ def _hwc_tensor(image: Any) -> torch.Tensor:
         return torch.from_numpy(np.array(rgb, dtype=np.uint8))
     if isinstance(image, np.ndarray):
         check_hwc_image(tuple(image.shape), image.dtype)
-        return torch.from_numpy(np.ascontiguousarray(image))
+        # torch cannot wrap a read-only array without a warning (and a later in-place edit
+        # would write into memory the caller froze): copy those; writable ones are wrapped
+        arr = np.ascontiguousarray(image) if image.flags.writeable else np.array(image, order="C")
+        return torch.from_numpy(arr)
     if isinstance(image, torch.Tensor):
         check_hwc_image(tuple(image.shape), image.dtype)
         return image.detach()
