@@ -13,7 +13,7 @@ from PIL import Image
 
 import sam2_fast.video.frames_base as frames_base
 from sam2_fast.video.frames import (FrameIndexError, FrameSourceError, LazyFrames,
-                                    PreloadedFrames, VideoNotFoundError, load_video_frames,
+                                    PreloadedFrames, VideoNotFoundError,
                                     normalize_lut, open_frames)
 
 av = pytest.importorskip("av")
@@ -258,11 +258,13 @@ def test_long_video_reverse_stays_bounded(tmp_path):
         assert len(src) == 300 and src.peak_resident <= src.cache_size == 8
 
 
-def test_reference_style_loader_and_index_rules(tmp_path):
+def test_frame_source_index_rules(tmp_path):
+    # (the official-shaped ``load_video_frames`` lives in sam2_fast.utils.misc, tested with
+    # the drop-in items; this is the lazy source it and the predictor open)
     frames = _moving(5, 10, 12)
-    src, h, w = load_video_frames(frames, 8, offload_video_to_cpu=True, compute_device="cpu")
+    src = open_frames(frames, 8, "cpu", offload_video_to_cpu=True)
     with src:
-        assert (h, w) == (10, 12)
+        assert (src.video_height, src.video_width) == (10, 12)
         assert torch.equal(src[-1], src[4]) and torch.equal(src[np.int64(2)], _expected(frames[2], 8))
         with pytest.raises(FrameIndexError, match="out of range"):
             src[5]

@@ -37,7 +37,6 @@ __all__ = [
     "LazyFrames",
     "PreloadedFrames",
     "open_frames",
-    "load_video_frames",
     "normalize_lut",
     "FrameSourceError",
     "FrameIndexError",
@@ -142,16 +141,3 @@ def open_frames(video_path: Any, image_size: int, device: torch.device | str = "
                       preload_all=preload_all, prefetch=prefetch, cache_size=cache_size,
                       workers=workers, img_mean=tuple(img_mean), img_std=tuple(img_std))
     return src
-
-
-def load_video_frames(video_path: Any, image_size: int, offload_video_to_cpu: bool,
-                      img_mean: Sequence[float] = IMAGENET_MEAN,
-                      img_std: Sequence[float] = IMAGENET_STD, async_loading_frames: bool = False,
-                      compute_device: torch.device | str = "cuda",
-                      ) -> tuple[FrameSource, int, int]:
-    """The reference's ``load_video_frames`` call shape: ``(frames, video_height, video_width)``
-    with a lazy, bounded frame source in place of the all-frames tensor."""
-    src = open_frames(video_path, image_size, compute_device,
-                      offload_video_to_cpu=offload_video_to_cpu,
-                      async_loading=async_loading_frames, img_mean=img_mean, img_std=img_std)
-    return src, src.video_height, src.video_width
