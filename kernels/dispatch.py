@@ -2,18 +2,15 @@
 
 Public functions (tensor contracts in each docstring and in the kernel modules):
     window_attention(qkv, qkv_bias, num_heads, window, q_pool) -> (B, H', W', C)
-    memory_cross_attention(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin,
-                           rope_k=True) -> (B, Nq, D)
-    rope_self_attention(q, k, v, rope_cos, rope_sin) -> (B, N, D)
+    memory_attention_vspace(q, k, v, ranges=None) -> (B, Nq, Dv)
     upsample_masks(logits, size, threshold=0.0, want_logits=False) -> (mask, logits | None)
-    rope_tables(head_dim, end_x, end_y, theta=10000.0, device=None) -> (cos, sin)
     kernel_enabled(kernel, device_type) -> bool
     window_attention_reason(qkv, qkv_bias, num_heads, window, q_pool) -> str | None
 
 Switches (read when a call is traced/run; names in ``ENV_ALL`` / ``ENV_SWITCHES``):
     SAM2_FAST_DISABLE_KERNELS=1         every dispatcher uses the PyTorch path
     SAM2_FAST_DISABLE_WINDOW_ATTN=1     only window_attention
-    SAM2_FAST_DISABLE_MEMORY_ATTN=1     memory_cross_attention and rope_self_attention
+    SAM2_FAST_DISABLE_MEMORY_ATTN=1     only memory_attention_vspace (memory cross- and self-attention)
     SAM2_FAST_DISABLE_MASK_UPSAMPLE=1   only upsample_masks
     SAM2_FAST_FORCE_KERNELS=1 / ``with force_kernels():``  use Triton on CPU tensors too;
                                         needs TRITON_INTERPRET=1 at process start (tests)
@@ -40,14 +37,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import mask_upsample as _mu
-from . import memory_attention as _ma
 from . import select as _select
 from . import slots as _slots
 from . import vspace_attention as _va
 from . import window_attention as _wa
 from ._common import interpreting
-
-rope_tables = _ma.rope_tables
 
 # Public switch names (the bench ladder sets them per row): "1" sends calls to PyTorch.
 ENV_ALL = "SAM2_FAST_DISABLE_KERNELS"
@@ -168,35 +162,6 @@ def _(qkv, qkv_bias, num_heads, window, q_pool):
     return qkv.new_empty(_wa.output_shape(qkv, window, q_pool))
 
 
-@torch.library.custom_op("sam2_fast::memory_attention", mutates_args=())
-def _memory_attention_op(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-                         slot_ids: torch.Tensor, ptr_k: Optional[torch.Tensor],
-                         ptr_v: Optional[torch.Tensor], rope_cos: Optional[torch.Tensor],
-                         rope_sin: Optional[torch.Tensor], rope_k: bool) -> torch.Tensor:
-    _LAUNCHES["memory_attention"] += 1
-    return _ma.memory_attention_triton(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin,
-                                       rope_k=rope_k)
-
-
-@_memory_attention_op.register_fake
-def _(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin, rope_k):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("sam2_fast::rope_self_attention", mutates_args=())
-def _rope_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-    _LAUNCHES["rope_self_attention"] += 1
-    slot = torch.zeros(1, dtype=torch.int32, device=q.device)
-    return _ma.memory_attention_triton(q, k.unsqueeze(1), v.unsqueeze(1), slot,
-                                       rope_cos=rope_cos, rope_sin=rope_sin)
-
-
-@_rope_self_attention_op.register_fake
-def _(q, k, v, rope_cos, rope_sin):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("sam2_fast::upsample_masks", mutates_args=())
 def _upsample_masks_op(logits: torch.Tensor, height: int, width: int, threshold: float,
                        want_logits: bool, want_mask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -300,48 +265,6 @@ def window_attention(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_he
             "window_attention", _wa.unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool)):
         return torch.ops.sam2_fast.window_attention(qkv, qkv_bias, num_heads, window, q_pool)
     return _wa.window_attention_reference(qkv, qkv_bias, num_heads, window, q_pool)
-
-
-def memory_cross_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-                           slot_ids: torch.Tensor, ptr_k: Optional[torch.Tensor] = None,
-                           ptr_v: Optional[torch.Tensor] = None,
-                           rope_cos: Optional[torch.Tensor] = None,
-                           rope_sin: Optional[torch.Tensor] = None,
-                           rope_k: bool = True) -> torch.Tensor:
-    """Cross-attention of a memory-attention layer to the memory bank (one head).
-
-    q: (B, Nq, D) = ``cross_attn.q_proj(tgt2 + query_pos)`` (not rotated).
-    mem_k / mem_v: (B, S_max, HW, D) slot banks of ``k_proj(memory + pos)`` / ``v_proj(memory)``
-    per memory frame (HW == Nq); slot_ids: (S,) int32 tensor of the slots to attend, any order.
-    ptr_k / ptr_v: (B, P, D) projected object-pointer tokens (no RoPE), or None.
-    rope_cos / rope_sin: (Nq, D/2) fp32 from ``rope_tables(D, feat_w, feat_h, theta)`` — build
-    once per resolution; None disables RoPE. rope_k=False: mem_k holds keys already rotated.
-    Returns (B, Nq, D) before ``out_proj``.
-    """
-    args = (q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin)
-    if _use_triton("memory_attention", q.device.type) and not _declined(
-            "memory_attention", _ma.unsupported_reason(*args)):
-        return torch.ops.sam2_fast.memory_attention(*args, rope_k)
-    return _ma.memory_attention_reference(*args, rope_k=rope_k)
-
-
-def rope_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-    """Self-attention of a memory-attention layer: RoPE on q and k, one head.
-
-    q, k, v: (B, N, D) = ``self_attn.{q,k,v}_proj(...)`` (not rotated); rope_cos / rope_sin:
-    (N, D/2) fp32 from ``rope_tables``. Returns (B, N, D) before ``out_proj``.
-    """
-    slot = torch.zeros(1, dtype=torch.int32, device=q.device)
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"rope_self_attention: q, k, v must share one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    bank_k, bank_v = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, N, D): one slot
-    if _use_triton("memory_attention", q.device.type) and not _declined(
-            "rope_self_attention",
-            _ma.unsupported_reason(q, bank_k, bank_v, slot, None, None, rope_cos, rope_sin)):
-        return torch.ops.sam2_fast.rope_self_attention(q, k, v, rope_cos, rope_sin)
-    return _ma.memory_attention_reference(q, bank_k, bank_v, slot, rope_cos=rope_cos, rope_sin=rope_sin)
 
 
 def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,

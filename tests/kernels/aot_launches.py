@@ -1,7 +1,7 @@
 """The kernel launches SAM 2 makes, captured from the real launchers (no GPU, no compile).
 
-Each launcher (``window_attention_triton``, ``memory_attention_triton``,
-``vspace_attention_triton``, ``upsample_masks_triton``) is called at SAM 2 shapes with
+Each launcher (``window_attention_triton``, ``vspace_attention_triton``,
+``upsample_masks_triton``) is called at SAM 2 shapes with
 meta tensors while its ``@triton.jit`` kernel object is replaced by a recorder. What the
 recorder sees is exactly what ``kernel[grid](*args, **kwargs)`` would hand to Triton on a
 card: meta tensors report ``data_ptr() == 0`` for a fresh allocation and the byte offset for
@@ -27,7 +27,6 @@ import torch
 
 from sam2_fast.config import PRESETS
 from sam2_fast.kernels import mask_upsample as mu
-from sam2_fast.kernels import memory_attention as ma
 from sam2_fast.kernels import vspace_attention as vs
 from sam2_fast.kernels import window_attention as wa
 from sam2_fast.modeling import hiera as hiera_mod
@@ -145,46 +144,6 @@ def window_launches() -> List[Launch]:
     return out
 
 
-# ----------------------------------------------------------------------------- fused RoPE memory attention (old kernel)
-def _rope_attention_launch(dt, cc, n_slots: int, n_ptr: int, self_attn: bool, d: int = 256) -> List[Launch]:
-    """What ``modeling/rope._fused_rope_attention`` hands the kernel: projections of one
-    layer, (B, N, d), banks as views of the key/value projections."""
-    nk = n_slots * TOKENS + n_ptr
-    q = torch.empty(1, TOKENS, d, device=META, dtype=dt)
-    k = torch.empty(1, nk, d, device=META, dtype=dt)
-    v = torch.empty(1, nk, d, device=META, dtype=dt)
-    cos, sin = (torch.empty(TOKENS, d // 2, device=META) for _ in range(2))
-    with recording(ma, "_mem_attn_kernel", "_merge_splits_kernel") as sink, on_card(cc, ma, "choose_splits"):
-        if self_attn:  # what dispatch.rope_self_attention launches
-            ma.memory_attention_triton(q, k.unsqueeze(1), v.unsqueeze(1),
-                                       torch.zeros(1, dtype=torch.int32, device=META),
-                                       rope_cos=cos, rope_sin=sin)
-        else:
-            n_rot = n_slots * TOKENS
-            bank_k = k[:, :n_rot].unflatten(1, (n_slots, TOKENS))
-            bank_v = v[:, :n_rot].unflatten(1, (n_slots, TOKENS))
-            ptr_k, ptr_v = (k[:, n_rot:], v[:, n_rot:]) if n_ptr else (None, None)
-            slots = torch.arange(n_slots, dtype=torch.int32, device=META)
-            ma.memory_attention_triton(q, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
-    what = f"self-attention d {d}" if self_attn else f"cross-attention, {n_slots} memories + {n_ptr} pointer tokens"
-    return _collect(sink, dt, (cc,), what)
-
-
-def memory_launches() -> List[Launch]:
-    """Memory attention of a tracked video: self-attention, and cross-attention from the
-    first frame (1 memory, 4 pointer tokens) to a full bank (7 memories, 16 pointers = 64).
-    Head dim 32 (``ma.HEAD_DIMS``) is reachable through ``dispatch.rope_self_attention``
-    though no SAM 2 layer calls it today: compiled as a self-attention."""
-    out: List[Launch] = []
-    for cc in CARDS:
-        for dt in _dtypes(ma.all_configs(), 1):
-            out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True)
-            out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True, d=32)
-            for n_slots, n_ptr in ((1, 4), (2, 8), (7, 64)):
-                out += _rope_attention_launch(dt, cc, n_slots, n_ptr, self_attn=False)
-    return out
-
-
 # ----------------------------------------------------------------------------- value-space attention
 def vspace_launches() -> List[Launch]:
     """Value-space cross-attention (d_qk 256, d_v 64 and the 256-wide comparison): from the
@@ -229,7 +188,7 @@ def upsample_launches() -> List[Launch]:
 
 
 LAUNCHERS: Dict[str, Callable[[], List[Launch]]] = {
-    "window": window_launches, "memory": memory_launches, "vspace": vspace_launches,
+    "window": window_launches, "vspace": vspace_launches,
     "upsample": upsample_launches,
 }
 

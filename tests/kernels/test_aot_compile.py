@@ -15,8 +15,8 @@ Checks, per compiled variant:
   * 16-bit variants: tensor-core instructions in the PTX (``mma.sync`` on sm_80,
     ``wgmma`` on sm_90 where the tile allows it: BLOCK_M >= 64), zero register spills in the
     ptxas log (Triton's own ``ptxas -v``), and for the memory kernels no scalar 16-bit
-    global loads (``ld.global.b16``). Known failures of the old memory kernel are strict
-    xfails with the measured reason: fixing them turns the xfail into a failure to remove.
+    global loads (``ld.global.b16``). Known failures are xfails with the measured reason
+    (``known_failure``); strict ones turn into a failure to remove once fixed.
 
 Run WITHOUT TRITON_INTERPRET (with it, @triton.jit gives interpreted functions):
     env -u TRITON_INTERPRET .venv/bin/python -m pytest -q tests/kernels -m aot
@@ -45,21 +45,21 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
     VARIANTS = C.group(L.all_launches())
     JOBS = sorted(((i, cc) for i, v in enumerate(VARIANTS) for cc in C.targets(v)),
-                  key=lambda j: VARIANTS[j[0]].name.startswith(("mem_attn", "vspace_attn")), reverse=True)
+                  key=lambda j: VARIANTS[j[0]].name.startswith("vspace_attn"), reverse=True)
     # One 16-bit variant per dot kernel, also compiled for sm_86 (test_sm86_shares_sm80_codegen).
     SM86_SAMPLES = {k: next(i for i, v in enumerate(VARIANTS) if v.name == k and v.dtype_name != "fp32"
                             and 80 in C.targets(v))
-                    for k in ("window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel")}
+                    for k in ("window_attn_kernel", "vspace_attn_kernel")}
 else:  # collected in the interpreter pass, then skipped
     VARIANTS, JOBS, SM86_SAMPLES = [], [], {}
 
-DOT_KERNELS = ("window_attn_kernel", "mem_attn_kernel", "vspace_attn_kernel")
+DOT_KERNELS = ("window_attn_kernel", "vspace_attn_kernel")
 try:  # ptxas differs between triton releases: 3.6 (the lent GPUs) spills a little more
     import triton as _triton
     _TRITON_36 = _triton.__version__.startswith("3.6")
 except Exception:  # noqa: BLE001
     _TRITON_36 = False
-MEMORY_KERNELS = ("mem_attn_kernel", "vspace_attn_kernel")
+MEMORY_KERNELS = ("vspace_attn_kernel",)
 
 
 def known_failure(v, check: str, cc: int):
@@ -67,12 +67,6 @@ def known_failure(v, check: str, cc: int):
     else None. Strict: a fix makes the test fail until the entry is removed. Spill counts move
     with the ptxas version (triton 3.6 bundles another), so spill entries are not strict."""
     tile = {n: v.constexpr(n) for n in ("D", "DV", "BLOCK_M")}
-    if v.name == "mem_attn_kernel" and tile["D"] == 256 and check == "spills":
-        return ("old memory kernel spills at 255 registers (issue 8): 748 B stores on sm_80, "
-                "~50 B on sm_90; being replaced by vspace_attention", False)
-    if v.name == "mem_attn_kernel" and check == "b16":
-        return ("old memory kernel loads even/odd channels with scalar 2-byte loads (issue 8): "
-                "256 ld.global.b16 at D=256", True)
     if v.name == "window_attn_kernel" and check == "spills" and (cc < 90 or _TRITON_36):
         return ("window kernel on sm_80 at 255 registers: 4-72 B spills for head dims 72/96 after the "
                 "64 + 16/32 head split (120-152 B at BLOCK_M 64 when padded to 128); sm_90 none under "
@@ -191,7 +185,6 @@ def test_launches_cover_every_listed_config():
     (num_warps included; num_stages where the launch passes it)."""
     from sam2_fast.config import PRESETS
     from sam2_fast.kernels import mask_upsample as mu
-    from sam2_fast.kernels import memory_attention as ma
     from sam2_fast.kernels import vspace_attention as vs
     from sam2_fast.kernels import window_attention as wa
 
@@ -199,11 +192,8 @@ def test_launches_cover_every_listed_config():
                         for i, c in enumerate(t.stage_dims)})
     listed = {
         "window_attn_kernel": [(dt, c, cfg) for dt, c, cfg in wa.all_configs(head_dims)],
-        "mem_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "attn"],
         "vspace_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "attn"],
-        # one merge kernel serves both launchers (ma._merge_splits_kernel is vs._vspace_merge_kernel)
-        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"]
-        + [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "merge"],
+        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"],
         "upsample_threshold_kernel": list(mu.all_configs()),
     }
     want = {(k, C.TL_NAME[str(dt).split(".")[-1]], tuple(sorted(c.items())), cfg.num_warps)
@@ -234,7 +224,7 @@ def test_capture_sees_runtime_specialisation():
     assert all(v.signature["n_splits"] == "i32" for v in vsp)
 
 
-@pytest.mark.parametrize("kernel", ["window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel"])
+@pytest.mark.parametrize("kernel", ["window_attn_kernel", "vspace_attn_kernel"])
 def test_sm86_shares_sm80_codegen(compiled, kernel):
     """The sm_80 compile stands for sm_86/89 in the shared-memory check: same shared memory
     (one sample 16-bit variant per kernel, compiled for sm_86 here). Registers are not
