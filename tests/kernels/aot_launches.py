@@ -12,20 +12,20 @@ and on integers divisible by 16, constexpr 1 for integers equal to 1 unless the 
 lists them in ``do_not_specialize``) that a launch on the card compiles.
 
 Card-dependent choices (tile per capability, split-KV from the SM count) are taken by the
-launchers' own functions, shown a card through ``on_card``.
+launchers' own functions, shown a card through ``on_card`` (the module's ``card(device)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from sam2_fast.config import PRESETS
+from sam2_fast.kernels._common import Card
 from sam2_fast.kernels import mask_upsample as mu
 from sam2_fast.kernels import vspace_attention as vs
 from sam2_fast.kernels import window_attention as wa
@@ -83,36 +83,16 @@ def recording(module, *names: str) -> Iterator[List[tuple]]:
 
 
 @contextlib.contextmanager
-def on_card(cc: int, module, *card_fns: str):
-    """Make the launcher's card-dependent helpers (``pick_config(..., capability)``,
-    ``choose_splits(..., device)``) answer for compute capability ``cc``: the device they
-    are shown is CUDA and ``torch.cuda.get_device_properties`` reports that card's SMs."""
-    saved = {n: getattr(module, n) for n in card_fns}
-    props = types.SimpleNamespace(multi_processor_count=CARDS[cc])
-    real_props = torch.cuda.get_device_properties
-
-    def wrap(name, real):
-        sig = inspect.signature(real)
-
-        def call(*args, **kwargs):
-            if "capability" in sig.parameters:  # the card's, not the CPU default
-                bound = sig.bind(*args, **kwargs)
-                bound.arguments["capability"] = divmod(cc, 10)
-                args, kwargs = bound.args, bound.kwargs
-            args = tuple(torch.device("cuda") if isinstance(a, torch.device) else a for a in args)
-            kwargs = {k: torch.device("cuda") if isinstance(v, torch.device) else v for k, v in kwargs.items()}
-            return real(*args, **kwargs)
-        return call
-
+def on_card(cc: int, module):
+    """Make the launcher of ``module`` see a card of compute capability ``cc`` with that card's
+    SM count: its ``card(device)`` (through which the tile choice and split-KV see the GPU)
+    answers for that card while the meta tensors stay on the meta device."""
+    saved = module.card
+    module.card = lambda device: Card(divmod(cc, 10), CARDS[cc])
     try:
-        torch.cuda.get_device_properties = lambda *a, **k: props
-        for n, real in saved.items():
-            setattr(module, n, wrap(n, real))
         yield
     finally:
-        torch.cuda.get_device_properties = real_props
-        for n, real in saved.items():
-            setattr(module, n, real)
+        module.card = saved
 
 
 def _collect(sink, dtype, cards, what, **extra) -> List[Launch]:
@@ -122,7 +102,8 @@ def _collect(sink, dtype, cards, what, **extra) -> List[Launch]:
 # ----------------------------------------------------------------------------- window attention
 def window_launches() -> List[Launch]:
     """Every Hiera block of the 8 official configs at 1024 px (batch 1; a batch only moves
-    the grid), in each dtype. Same launch on every card (no card-dependent choice)."""
+    the grid), in each dtype, on each card (the tile depends on the capability; launches
+    that come out the same on several cards are one variant, ``aot_compile.group``)."""
     out: List[Launch] = []
     seen = set()
     for name, cfg in sorted(PRESETS.items()):
@@ -132,13 +113,14 @@ def window_launches() -> List[Launch]:
             key = (side, blk["dim_out"], blk["num_heads"], blk["window"], pool)
             if key not in seen:
                 seen.add(key)
-                for dt in _dtypes(wa.all_configs([64]), 0):
-                    qkv = torch.empty(1, side, side, 3 * blk["dim_out"], device=META, dtype=dt)
-                    bias = torch.empty(3 * blk["dim_out"], device=META)
-                    with recording(wa, "_window_attn_kernel") as sink:
-                        wa.window_attention_triton(qkv, bias, blk["num_heads"], blk["window"], pool)
-                    out += _collect(sink, dt, CARDS, f"{name} block {i} ({side}x{side}, window "
-                                    f"{blk['window']}, heads {blk['num_heads']}, pool {pool})")
+                for cc in CARDS:
+                    for dt in _dtypes(wa.all_configs([64]), 0):
+                        qkv = torch.empty(1, side, side, 3 * blk["dim_out"], device=META, dtype=dt)
+                        bias = torch.empty(3 * blk["dim_out"], device=META)
+                        with recording(wa, "_window_attn_kernel") as sink, on_card(cc, wa):
+                            wa.window_attention_triton(qkv, bias, blk["num_heads"], blk["window"], pool)
+                        out += _collect(sink, dt, (cc,), f"{name} block {i} ({side}x{side}, window "
+                                        f"{blk['window']}, heads {blk['num_heads']}, pool {pool})")
             if pool:
                 side //= 2
     return out
@@ -160,7 +142,7 @@ def vspace_launches() -> List[Launch]:
                     v = torch.empty(b, nk, dv, device=META, dtype=dt)
                     rng = torch.empty(b, 4, dtype=torch.int32, device=META) if ranged else None
                     with recording(vs, "_vspace_attn_kernel", "_vspace_merge_kernel") as sink, \
-                            on_card(cc, vs, "pick_config", "choose_splits"):
+                            on_card(cc, vs):
                         vs.vspace_attention_triton(q, k, v, rng)
                     out += _collect(sink, dt, (cc,), f"{b} object(s), {nk} keys, ranges {ranged}",
                                     config=vs.pick_config(dk, dv, divmod(cc, 10)))
