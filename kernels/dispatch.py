@@ -23,8 +23,9 @@ be declined. ``launch_counts()`` tells which kernels ran (custom-op executions, 
 graphs count too) and ``fallback_counts()`` why an enabled kernel handed a call to PyTorch.
 
 Each Triton path is a ``torch.library`` custom op (namespace ``sam2_fast``) with a fake
-implementation, so ``torch.compile(fullgraph=True)`` traces through it; the PyTorch paths
-are plain tensor code that the compiler sees directly.
+implementation, so ``torch.compile(fullgraph=True)`` traces through it; eager calls skip the
+op's dispatch and run its body directly. The PyTorch paths are plain tensor code that the
+compiler sees directly.
 """
 
 from __future__ import annotations
@@ -150,11 +151,20 @@ def _declined(kernel: str, reason: Optional[str]) -> bool:
 # ----------------------------------------------------------------------------- custom ops
 
 
+# Each op body is a plain function too: eager calls run it directly (the custom-op dispatch
+# costs ~14 us of host time per call, measured on this CPU; issue 8 item 8), while a graph
+# that torch.compile traces calls the op (its fake implementation gives the output shape).
+
+
+def _window_attention_impl(qkv, qkv_bias, num_heads, window, q_pool):
+    _LAUNCHES["window_attention"] += 1
+    return _run_slot(_slots.WINDOW_ATTENTION, qkv, qkv_bias, num_heads, window, q_pool)
+
+
 @torch.library.custom_op("sam2_fast::window_attention", mutates_args=())
 def _window_attention_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
                          window: int, q_pool: bool) -> torch.Tensor:
-    _LAUNCHES["window_attention"] += 1
-    return _run_slot(_slots.WINDOW_ATTENTION, qkv, qkv_bias, num_heads, window, q_pool)
+    return _window_attention_impl(qkv, qkv_bias, num_heads, window, q_pool)
 
 
 @_window_attention_op.register_fake
@@ -162,11 +172,15 @@ def _(qkv, qkv_bias, num_heads, window, q_pool):
     return qkv.new_empty(_wa.output_shape(qkv, window, q_pool))
 
 
+def _upsample_masks_impl(logits, height, width, threshold, want_logits, want_mask):
+    _LAUNCHES["mask_upsample"] += 1
+    return _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits, want_mask)
+
+
 @torch.library.custom_op("sam2_fast::upsample_masks", mutates_args=())
 def _upsample_masks_op(logits: torch.Tensor, height: int, width: int, threshold: float,
                        want_logits: bool, want_mask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    _LAUNCHES["mask_upsample"] += 1
-    mask, big = _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits, want_mask)
+    mask, big = _upsample_masks_impl(logits, height, width, threshold, want_logits, want_mask)
     # custom ops return tensors: an output not asked for is an empty placeholder
     return (mask if mask is not None else logits.new_empty(0, dtype=torch.bool)), \
         (big if big is not None else logits.new_empty(0))
@@ -180,11 +194,15 @@ def _(logits, height, width, threshold, want_logits, want_mask):
     return mask, big
 
 
+def _vspace_attention_impl(q, k, v, ranges):
+    _LAUNCHES["vspace_attention"] += 1
+    return _run_slot(_slots.MEMORY_ATTENTION, q, k, v, ranges)
+
+
 @torch.library.custom_op("sam2_fast::vspace_attention", mutates_args=())
 def _vspace_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          ranges: Optional[torch.Tensor]) -> torch.Tensor:
-    _LAUNCHES["vspace_attention"] += 1
-    return _run_slot(_slots.MEMORY_ATTENTION, q, k, v, ranges)
+    return _vspace_attention_impl(q, k, v, ranges)
 
 
 @_vspace_attention_op.register_fake
@@ -208,7 +226,9 @@ def memory_attention_vspace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"memory_attention_vspace: q (B, Nq, D), k (B, Nk, D), v (B, Nk, Dv) expected, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if _use_triton("memory_attention", q.device.type):
-        return torch.ops.sam2_fast.vspace_attention(q, k, v, ranges)
+        if torch.compiler.is_compiling():
+            return torch.ops.sam2_fast.vspace_attention(q, k, v, ranges)
+        return _vspace_attention_impl(q, k, v, ranges)
     return _va.vspace_attention_reference(q, k, v, ranges)
 
 
@@ -263,7 +283,9 @@ def window_attention(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_he
         return _window_attention_flash(qkv, num_heads, q_pool)
     if _use_triton("window_attention", qkv.device.type) and not _declined(
             "window_attention", _wa.unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool)):
-        return torch.ops.sam2_fast.window_attention(qkv, qkv_bias, num_heads, window, q_pool)
+        if torch.compiler.is_compiling():
+            return torch.ops.sam2_fast.window_attention(qkv, qkv_bias, num_heads, window, q_pool)
+        return _window_attention_impl(qkv, qkv_bias, num_heads, window, q_pool)
     return _wa.window_attention_reference(qkv, qkv_bias, num_heads, window, q_pool)
 
 
@@ -282,6 +304,9 @@ def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float
         raise ValueError("upsample_masks: asked for neither the mask nor the logits")
     if _use_triton("mask_upsample", logits.device.type) and not _declined(
             "mask_upsample", _mu.unsupported_reason(logits, size)):
+        if not torch.compiler.is_compiling():
+            return _upsample_masks_impl(logits, int(size[0]), int(size[1]), float(threshold),
+                                        want_logits, want_mask)
         mask, big = torch.ops.sam2_fast.upsample_masks(logits, int(size[0]), int(size[1]),
                                                       float(threshold), want_logits, want_mask)
         return (mask if want_mask else None), (big if want_logits else None)

@@ -38,6 +38,7 @@ compiler issues 16-byte vector loads and pipelines them (``num_stages``) into sh
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -109,6 +110,7 @@ def _attend_range(q, k_base, v_base, s_kt, s_vt, start, end, j_lo, j_hi, m_i, l_
 # (4100 keys after the first frame, 8200, ..., 28,736: divisible by 16 or not as the bank
 # fills; it only bounds the tail block's row mask, which does not affect vector width).
 # Strides stay specialised: divisibility by 16 is what lets the loads be 16-byte vectors.
+# AOT: 6 -> 4 attention variants per dtype and target (Nk % 16 no longer splits them).
 @triton.jit(do_not_specialize=["Nk", "n_splits"])
 def _vspace_attn_kernel(
     q_ptr, k_ptr, v_ptr, rng_ptr, out_ptr, part_ptr, lse_ptr,
@@ -316,11 +318,20 @@ def unsupported_reason(q, k, v, ranges) -> Optional[str]:
 # ----------------------------------------------------------------------------- launcher
 
 
+@functools.lru_cache(maxsize=1024)
+def _splits_for(programs: int, n_key_blocks: int, sms: int) -> int:
+    """``choose_splits`` once per shape and card (its cost loop took ~7 us per call)."""
+    return choose_splits(programs, n_key_blocks, sms)
+
+
 def vspace_attention_triton(q, k, v, ranges: Optional[torch.Tensor] = None,
                             out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
-                            config: Optional[LaunchConfig] = None) -> torch.Tensor:
-    """Launch (tensors: module docstring). ``config`` overrides the per-card tile choice."""
-    raise_if(unsupported_reason(q, k, v, ranges), "vspace_attention")
+                            config: Optional[LaunchConfig] = None, check: bool = True) -> torch.Tensor:
+    """Launch (tensors: module docstring). ``config`` overrides the per-card tile choice.
+    ``check=False``: the caller has just run ``unsupported_reason`` (the selection layer does
+    for every call), so the launch skips the second pass over the inputs."""
+    if check:
+        raise_if(unsupported_reason(q, k, v, ranges), "vspace_attention")
     b, nq, dk = q.shape
     nk, dv = k.shape[1], v.shape[2]
     if out is None:
@@ -329,7 +340,7 @@ def vspace_attention_triton(q, k, v, ranges: Optional[torch.Tensor] = None,
     cfg = config or pick_config(dk, dv, gpu.capability)
     n_qb = triton.cdiv(nq, cfg.block_m)
     if num_splits is None:
-        num_splits = choose_splits(n_qb * b, triton.cdiv(nk, cfg.block_n), gpu.sms)
+        num_splits = _splits_for(n_qb * b, triton.cdiv(nk, cfg.block_n), gpu.sms)
     splits = max(1, int(num_splits))
     if splits > 1:
         part = torch.empty((splits, b, nq, dv), device=q.device, dtype=torch.float32)

@@ -69,7 +69,16 @@ def _load_kv(ptr, kv_off, in_map, is_pad, bias, d_ok):
     return tl.where(is_pad[:, None], bias[None, :], x)
 
 
-@triton.jit
+# Map and window geometry, window counts and heads are not specialised: Triton would compile
+# a variant per value class (==1: global blocks have n_win 1, tiny's first stage 1 head;
+# %16: 64x64 maps vs 63x63...), and none of them feeds a vector access: they bound masks and
+# split program ids. Without them the global and the 14x14-window blocks of a stage share one
+# variant (AOT, 8 configs at 1024 px: 21 -> 15 compiled variants per dtype and target).
+# Kept specialised: the strides and C (a multiple of 16 puts the k/v channel blocks on
+# 16-byte boundaries, so their loads are 16-byte vectors) and ``pool`` (its 1 is a real
+# second code path).
+@triton.jit(do_not_specialize=["H", "W", "HQ", "WQ", "WKH", "WKW", "WQH", "WQW", "n_win_x", "n_win",
+                               "num_heads"])
 def _window_attn_kernel(
     qkv_ptr, bias_ptr, out_ptr,
     s_qkv_b, s_qkv_h, s_qkv_w,      # qkv strides (channel stride is 1)
@@ -293,9 +302,11 @@ def launch_grid(batch: int, n_win: int, num_heads: int, n_q: int, cfg: LaunchCon
 
 def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
                             window: int, q_pool: bool,
-                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch the kernel (see the module docstring for the tensors). ``out`` may be given."""
-    raise_if(unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool), "window_attention")
+                            out: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
+    """Launch the kernel (see the module docstring for the tensors). ``out`` may be given.
+    ``check=False``: the caller has just run ``unsupported_reason`` (the selection layer)."""
+    if check:
+        raise_if(unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool), "window_attention")
     b, h, w, c3 = qkv.shape
     c = c3 // 3
     hd = c // num_heads
