@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sam2_fast.kernels import mask_upsample as mu
-from sam2_fast.kernels import memory_attention as ma
+from sam2_fast.kernels import vspace_attention as va
 from sam2_fast.kernels import window_attention as wa
 
 GPU = torch.cuda.is_available()
@@ -35,7 +35,8 @@ WINDOW_CASES = [
     ("large-s3-win14", 1, 64, 64, 8, 72, 14, False),
     ("bplus-s3-global", 1, 64, 64, 8, 56, 0, False),
 ]
-# (name, B, side, slots, pointer tokens): full bank = 7 memories x 4096 + 16 pointers x 4
+# (name, B, side, memories, pointer tokens): full bank = 7 memories x 4096 + 16 pointers x 4.
+# Memory cross-attention in the 64-d value space (q, k rotated and 256-d, v the raw memory).
 MEMORY_CASES = [("full-bank", 1, 64, 7, 64), ("3-objects", 3, 64, 7, 64), ("one-memory", 1, 64, 1, 4)]
 # (name, objects, h, w, H, W)
 UPSAMPLE_CASES = [("8obj-480p", 8, 256, 256, 480, 854), ("8obj-1080p", 8, 256, 256, 1080, 1920)]
@@ -91,33 +92,27 @@ def test_window_attention(benchmark, case, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", MEMORY_CASES, ids=[c[0] for c in MEMORY_CASES])
-def test_memory_cross_attention(benchmark, case, impl):
-    name, b, side, slots, n_ptr = case
+def test_memory_cross_attention_vspace(benchmark, case, impl):
+    name, b, side, memories, n_ptr = case
     side = _shrink(side)
-    d, nq = 256, side * side
-    q = torch.randn(b, nq, d, device=DEV, dtype=DTYPE)
-    bank_k = torch.randn(b, slots + 2, nq, d, device=DEV, dtype=DTYPE)  # spare slots unused
-    bank_v = torch.randn_like(bank_k)
-    ids = torch.arange(slots, dtype=torch.int32, device=DEV).flip(0)
-    pk = torch.randn(b, n_ptr, d, device=DEV, dtype=DTYPE)
-    pv = torch.randn_like(pk)
-    cos, sin = ma.rope_tables(d, side, side, device=DEV)
-    impl_fn = ma.memory_attention_triton if impl == "triton" else ma.memory_attention_reference
-    flops = 4.0 * b * nq * (slots * nq + n_ptr) * d
-    _timed(benchmark, lambda: impl_fn(q, bank_k, bank_v, ids, pk, pv, cos, sin), impl,
-           f"memory-cross/{name}", flops, "TFLOP/s")
+    dk, dv, nq = 256, 64, side * side
+    nk = memories * nq + n_ptr
+    q = torch.randn(b, nq, dk, device=DEV, dtype=DTYPE) * 0.1
+    k = torch.randn(b, nk, dk, device=DEV, dtype=DTYPE) * 0.1
+    v = torch.randn(b, nk, dv, device=DEV, dtype=DTYPE)
+    impl_fn = va.vspace_attention_triton if impl == "triton" else va.vspace_attention_reference
+    flops = 2.0 * b * nq * nk * (dk + dv)
+    _timed(benchmark, lambda: impl_fn(q, k, v), impl, f"memory-cross-vspace/{name}", flops, "TFLOP/s")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_rope_self_attention(benchmark, impl):
+def test_memory_self_attention(benchmark, impl):
+    """The memory self-attention (d_v = d_qk = 256, q and k rotated outside)."""
     side, d = _shrink(64), 256
     n = side * side
-    q, k, v = (torch.randn(1, n, d, device=DEV, dtype=DTYPE) for _ in range(3))
-    cos, sin = ma.rope_tables(d, side, side, device=DEV)
-    ids = torch.zeros(1, dtype=torch.int32, device=DEV)
-    impl_fn = ma.memory_attention_triton if impl == "triton" else ma.memory_attention_reference
-    _timed(benchmark, lambda: impl_fn(q, k[:, None], v[:, None], ids, rope_cos=cos, rope_sin=sin),
-           impl, "memory-self/4096", 4.0 * n * n * d, "TFLOP/s")
+    q, k, v = (torch.randn(1, n, d, device=DEV, dtype=DTYPE) * 0.1 for _ in range(3))
+    impl_fn = va.vspace_attention_triton if impl == "triton" else va.vspace_attention_reference
+    _timed(benchmark, lambda: impl_fn(q, k, v), impl, "memory-self/4096", 4.0 * n * n * d, "TFLOP/s")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

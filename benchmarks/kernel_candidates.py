@@ -141,7 +141,6 @@ def ceilings() -> Dict[str, float]:
 
 
 def memory_cross(batch: int, quick: bool) -> None:
-    from sam2_fast.kernels import memory_attention as ma
     from sam2_fast.kernels import vspace_attention as va
     nq, hw, slots, ptr, d, dv = 4096 // SCALE**2, 4096 // SCALE**2, 7, 64, 256, 64
     nk = slots * hw + ptr
@@ -173,7 +172,9 @@ def memory_cross(batch: int, quick: bool) -> None:
     configs = [] if quick else [va.LaunchConfig(128, 64, 8, 2), va.LaunchConfig(128, 128, 8, 2),
                                 va.LaunchConfig(64, 64, 4, 3), va.LaunchConfig(128, 32, 8, 4),
                                 va.LaunchConfig(64, 128, 4, 2)]
-    variants = [(cfg, None) for cfg in configs] + ([] if quick else [(None, 1), (None, 8)])
+    # split-KV sweep around choose_splits' pick (8 on an H200 at 1 object; the first run's
+    # 4-vs-8 rows were confounded by a per-call copy of the key ranges, fixed since)
+    variants = [(cfg, None) for cfg in configs] + ([] if quick else [(None, s) for s in (1, 2, 4, 6, 8, 12, 16)])
     for cfg, splits in variants:
         label = "default" if cfg is None else f"{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
         row("mem-cross-64", case, f"triton-vs-{label}-sp{splits or 'auto'}",
@@ -191,17 +192,6 @@ def memory_cross(batch: int, quick: bool) -> None:
         (lambda: sdpa4(q, k, v256, mask)), ref_flops, ref_flops, g256)
     row("mem-cross-64", case, "triton-vspace-ranges(bank)",
         (lambda: va.vspace_attention_triton(q, k, v64, rng)), vs_flops, ref_flops, g64)
-    # The current fused kernel (in-kernel RoPE on q and k, 256-d values): RoPE makes its
-    # output differ from the goldens above, so its error column is left empty.
-    bank_k = k[:, : slots * hw].unflatten(1, (slots, hw)).contiguous()
-    bank_v = v256[:, : slots * hw].unflatten(1, (slots, hw)).contiguous()
-    ids = torch.arange(slots, dtype=torch.int32, device=DEV)
-    pk, pv = k[:, slots * hw:].contiguous(), v256[:, slots * hw:].contiguous()
-    side = 64 // SCALE
-    cos, sin = ma.rope_tables(d, side, side, device=DEV)
-    row("mem-cross-256", case, "triton-old(rope-in-kernel)",
-        lambda: ma.memory_attention_triton(q, bank_k, bank_v, ids, pk, pv, cos, sin), ref_flops, ref_flops,
-        None, jitfns=(ma._mem_attn_kernel, ma._merge_splits_kernel))
 
 
 def sdpa4(q, k, v, mask=None):
@@ -222,8 +212,8 @@ def memory_layer(batch: int) -> None:
     of every memory token, rotate q and k, SDPA, out_proj) against the value-space one (rotate
     q; keys projected+rotated once per memory and cached; attend over the raw 64-d memory;
     one fused 64->256 output matrix). Same weights; error of the layer output."""
-    from sam2_fast.kernels import memory_attention as ma
     from sam2_fast.kernels import vspace_attention as va
+    from sam2_fast.modeling.rope import axial_rope_table, rotate_pairs
     nq, hw, slots, ptr, d, dm = 4096 // SCALE**2, 4096 // SCALE**2, 7, 64, 256, 64
     nk = slots * hw + ptr
     case = f"tiny-full-b{batch}"
@@ -232,16 +222,16 @@ def memory_layer(batch: int) -> None:
     wq, wk, wv, wo = (mk(d, d if i in (0, 3) else dm, sc=(d if i in (0, 3) else dm) ** -0.5) for i in range(4))
     bq, bk, bv, bo = (mk(d, sc=0.1) for _ in range(4))
     side = int(math.isqrt(nq))
-    cos, sin = ma.rope_tables(d, side, side, device=DEV)
+    cos, sin = axial_rope_table(d, side, side, device=DEV)
     cos_k = cos.repeat(slots, 1)
     sin_k = sin.repeat(slots, 1)
     n_sp = slots * hw
 
     def rot_k(k):
-        return torch.cat([ma.apply_rope(k[:, :n_sp], cos_k, sin_k), k[:, n_sp:]], 1)
+        return torch.cat([rotate_pairs(k[:, :n_sp], cos_k, sin_k), k[:, n_sp:]], 1)
 
     def reference():
-        q = ma.apply_rope(F.linear(tgt, wq, bq), cos, sin)
+        q = rotate_pairs(F.linear(tgt, wq, bq), cos, sin)
         k = rot_k(F.linear(mem + pos, wk, bk))
         v = F.linear(mem, wv, bv)
         return F.linear(sdpa4(q, k, v), wo, bo)
@@ -251,18 +241,18 @@ def memory_layer(batch: int) -> None:
     b_ov = (wo.float() @ bv.float() + bo.float()).to(LOW)
 
     def vspace(attend):
-        q = ma.apply_rope(F.linear(tgt, wq, bq), cos, sin)
+        q = rotate_pairs(F.linear(tgt, wq, bq), cos, sin)
         return F.linear(attend(q, k_cached, mem), w_ov, b_ov)
 
     def vspace_nocache(attend):
-        q = ma.apply_rope(F.linear(tgt, wq, bq), cos, sin)
+        q = rotate_pairs(F.linear(tgt, wq, bq), cos, sin)
         k = rot_k(F.linear(mem + pos, wk, bk))
         return F.linear(attend(q, k, mem), w_ov, b_ov)
 
     with torch.no_grad():
         f32 = lambda t: t.float()  # noqa: E731
-        q = ma.apply_rope(F.linear(f32(tgt), f32(wq), f32(bq)), cos, sin)
-        k = torch.cat([ma.apply_rope(F.linear(f32(mem + pos), f32(wk), f32(bk))[:, :n_sp], cos_k, sin_k),
+        q = rotate_pairs(F.linear(f32(tgt), f32(wq), f32(bq)), cos, sin)
+        k = torch.cat([rotate_pairs(F.linear(f32(mem + pos), f32(wk), f32(bk))[:, :n_sp], cos_k, sin_k),
                        F.linear(f32(mem + pos), f32(wk), f32(bk))[:, n_sp:]], 1)
         with sdpa_kernel(SDPBackend.MATH):
             gold = F.linear(F.scaled_dot_product_attention(q[:1], k[:1], F.linear(f32(mem), f32(wv), f32(bv))[:1]),

@@ -2,18 +2,15 @@
 
 Public functions (tensor contracts in each docstring and in the kernel modules):
     window_attention(qkv, qkv_bias, num_heads, window, q_pool) -> (B, H', W', C)
-    memory_cross_attention(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin,
-                           rope_k=True) -> (B, Nq, D)
-    rope_self_attention(q, k, v, rope_cos, rope_sin) -> (B, N, D)
+    memory_attention_vspace(q, k, v, ranges=None) -> (B, Nq, Dv)
     upsample_masks(logits, size, threshold=0.0, want_logits=False) -> (mask, logits | None)
-    rope_tables(head_dim, end_x, end_y, theta=10000.0, device=None) -> (cos, sin)
     kernel_enabled(kernel, device_type) -> bool
     window_attention_reason(qkv, qkv_bias, num_heads, window, q_pool) -> str | None
 
 Switches (read when a call is traced/run; names in ``ENV_ALL`` / ``ENV_SWITCHES``):
     SAM2_FAST_DISABLE_KERNELS=1         every dispatcher uses the PyTorch path
     SAM2_FAST_DISABLE_WINDOW_ATTN=1     only window_attention
-    SAM2_FAST_DISABLE_MEMORY_ATTN=1     memory_cross_attention and rope_self_attention
+    SAM2_FAST_DISABLE_MEMORY_ATTN=1     only memory_attention_vspace (memory cross- and self-attention)
     SAM2_FAST_DISABLE_MASK_UPSAMPLE=1   only upsample_masks
     SAM2_FAST_FORCE_KERNELS=1 / ``with force_kernels():``  use Triton on CPU tensors too;
                                         needs TRITON_INTERPRET=1 at process start (tests)
@@ -26,8 +23,9 @@ be declined. ``launch_counts()`` tells which kernels ran (custom-op executions, 
 graphs count too) and ``fallback_counts()`` why an enabled kernel handed a call to PyTorch.
 
 Each Triton path is a ``torch.library`` custom op (namespace ``sam2_fast``) with a fake
-implementation, so ``torch.compile(fullgraph=True)`` traces through it; the PyTorch paths
-are plain tensor code that the compiler sees directly.
+implementation, so ``torch.compile(fullgraph=True)`` traces through it; eager calls skip the
+op's dispatch and run its body directly. The PyTorch paths are plain tensor code that the
+compiler sees directly.
 """
 
 from __future__ import annotations
@@ -40,14 +38,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import mask_upsample as _mu
-from . import memory_attention as _ma
 from . import select as _select
 from . import slots as _slots
 from . import vspace_attention as _va
 from . import window_attention as _wa
 from ._common import interpreting
-
-rope_tables = _ma.rope_tables
 
 # Public switch names (the bench ladder sets them per row): "1" sends calls to PyTorch.
 ENV_ALL = "SAM2_FAST_DISABLE_KERNELS"
@@ -156,11 +151,20 @@ def _declined(kernel: str, reason: Optional[str]) -> bool:
 # ----------------------------------------------------------------------------- custom ops
 
 
+# Each op body is a plain function too: eager calls run it directly (the custom-op dispatch
+# costs ~14 us of host time per call, measured on this CPU; issue 8 item 8), while a graph
+# that torch.compile traces calls the op (its fake implementation gives the output shape).
+
+
+def _window_attention_impl(qkv, qkv_bias, num_heads, window, q_pool):
+    _LAUNCHES["window_attention"] += 1
+    return _run_slot(_slots.WINDOW_ATTENTION, qkv, qkv_bias, num_heads, window, q_pool)
+
+
 @torch.library.custom_op("sam2_fast::window_attention", mutates_args=())
 def _window_attention_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
                          window: int, q_pool: bool) -> torch.Tensor:
-    _LAUNCHES["window_attention"] += 1
-    return _run_slot(_slots.WINDOW_ATTENTION, qkv, qkv_bias, num_heads, window, q_pool)
+    return _window_attention_impl(qkv, qkv_bias, num_heads, window, q_pool)
 
 
 @_window_attention_op.register_fake
@@ -168,40 +172,15 @@ def _(qkv, qkv_bias, num_heads, window, q_pool):
     return qkv.new_empty(_wa.output_shape(qkv, window, q_pool))
 
 
-@torch.library.custom_op("sam2_fast::memory_attention", mutates_args=())
-def _memory_attention_op(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-                         slot_ids: torch.Tensor, ptr_k: Optional[torch.Tensor],
-                         ptr_v: Optional[torch.Tensor], rope_cos: Optional[torch.Tensor],
-                         rope_sin: Optional[torch.Tensor], rope_k: bool) -> torch.Tensor:
-    _LAUNCHES["memory_attention"] += 1
-    return _ma.memory_attention_triton(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin,
-                                       rope_k=rope_k)
-
-
-@_memory_attention_op.register_fake
-def _(q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin, rope_k):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("sam2_fast::rope_self_attention", mutates_args=())
-def _rope_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-    _LAUNCHES["rope_self_attention"] += 1
-    slot = torch.zeros(1, dtype=torch.int32, device=q.device)
-    return _ma.memory_attention_triton(q, k.unsqueeze(1), v.unsqueeze(1), slot,
-                                       rope_cos=rope_cos, rope_sin=rope_sin)
-
-
-@_rope_self_attention_op.register_fake
-def _(q, k, v, rope_cos, rope_sin):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _upsample_masks_impl(logits, height, width, threshold, want_logits, want_mask):
+    _LAUNCHES["mask_upsample"] += 1
+    return _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits, want_mask)
 
 
 @torch.library.custom_op("sam2_fast::upsample_masks", mutates_args=())
 def _upsample_masks_op(logits: torch.Tensor, height: int, width: int, threshold: float,
                        want_logits: bool, want_mask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    _LAUNCHES["mask_upsample"] += 1
-    mask, big = _run_slot(_slots.MASK_UPSAMPLE, logits, height, width, threshold, want_logits, want_mask)
+    mask, big = _upsample_masks_impl(logits, height, width, threshold, want_logits, want_mask)
     # custom ops return tensors: an output not asked for is an empty placeholder
     return (mask if mask is not None else logits.new_empty(0, dtype=torch.bool)), \
         (big if big is not None else logits.new_empty(0))
@@ -215,11 +194,15 @@ def _(logits, height, width, threshold, want_logits, want_mask):
     return mask, big
 
 
+def _vspace_attention_impl(q, k, v, ranges):
+    _LAUNCHES["vspace_attention"] += 1
+    return _run_slot(_slots.MEMORY_ATTENTION, q, k, v, ranges)
+
+
 @torch.library.custom_op("sam2_fast::vspace_attention", mutates_args=())
 def _vspace_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          ranges: Optional[torch.Tensor]) -> torch.Tensor:
-    _LAUNCHES["vspace_attention"] += 1
-    return _run_slot(_slots.MEMORY_ATTENTION, q, k, v, ranges)
+    return _vspace_attention_impl(q, k, v, ranges)
 
 
 @_vspace_attention_op.register_fake
@@ -243,7 +226,9 @@ def memory_attention_vspace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"memory_attention_vspace: q (B, Nq, D), k (B, Nk, D), v (B, Nk, Dv) expected, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if _use_triton("memory_attention", q.device.type):
-        return torch.ops.sam2_fast.vspace_attention(q, k, v, ranges)
+        if torch.compiler.is_compiling():
+            return torch.ops.sam2_fast.vspace_attention(q, k, v, ranges)
+        return _vspace_attention_impl(q, k, v, ranges)
     return _va.vspace_attention_reference(q, k, v, ranges)
 
 
@@ -298,50 +283,10 @@ def window_attention(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_he
         return _window_attention_flash(qkv, num_heads, q_pool)
     if _use_triton("window_attention", qkv.device.type) and not _declined(
             "window_attention", _wa.unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool)):
-        return torch.ops.sam2_fast.window_attention(qkv, qkv_bias, num_heads, window, q_pool)
+        if torch.compiler.is_compiling():
+            return torch.ops.sam2_fast.window_attention(qkv, qkv_bias, num_heads, window, q_pool)
+        return _window_attention_impl(qkv, qkv_bias, num_heads, window, q_pool)
     return _wa.window_attention_reference(qkv, qkv_bias, num_heads, window, q_pool)
-
-
-def memory_cross_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-                           slot_ids: torch.Tensor, ptr_k: Optional[torch.Tensor] = None,
-                           ptr_v: Optional[torch.Tensor] = None,
-                           rope_cos: Optional[torch.Tensor] = None,
-                           rope_sin: Optional[torch.Tensor] = None,
-                           rope_k: bool = True) -> torch.Tensor:
-    """Cross-attention of a memory-attention layer to the memory bank (one head).
-
-    q: (B, Nq, D) = ``cross_attn.q_proj(tgt2 + query_pos)`` (not rotated).
-    mem_k / mem_v: (B, S_max, HW, D) slot banks of ``k_proj(memory + pos)`` / ``v_proj(memory)``
-    per memory frame (HW == Nq); slot_ids: (S,) int32 tensor of the slots to attend, any order.
-    ptr_k / ptr_v: (B, P, D) projected object-pointer tokens (no RoPE), or None.
-    rope_cos / rope_sin: (Nq, D/2) fp32 from ``rope_tables(D, feat_w, feat_h, theta)`` — build
-    once per resolution; None disables RoPE. rope_k=False: mem_k holds keys already rotated.
-    Returns (B, Nq, D) before ``out_proj``.
-    """
-    args = (q, mem_k, mem_v, slot_ids, ptr_k, ptr_v, rope_cos, rope_sin)
-    if _use_triton("memory_attention", q.device.type) and not _declined(
-            "memory_attention", _ma.unsupported_reason(*args)):
-        return torch.ops.sam2_fast.memory_attention(*args, rope_k)
-    return _ma.memory_attention_reference(*args, rope_k=rope_k)
-
-
-def rope_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-    """Self-attention of a memory-attention layer: RoPE on q and k, one head.
-
-    q, k, v: (B, N, D) = ``self_attn.{q,k,v}_proj(...)`` (not rotated); rope_cos / rope_sin:
-    (N, D/2) fp32 from ``rope_tables``. Returns (B, N, D) before ``out_proj``.
-    """
-    slot = torch.zeros(1, dtype=torch.int32, device=q.device)
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"rope_self_attention: q, k, v must share one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    bank_k, bank_v = k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, N, D): one slot
-    if _use_triton("memory_attention", q.device.type) and not _declined(
-            "rope_self_attention",
-            _ma.unsupported_reason(q, bank_k, bank_v, slot, None, None, rope_cos, rope_sin)):
-        return torch.ops.sam2_fast.rope_self_attention(q, k, v, rope_cos, rope_sin)
-    return _ma.memory_attention_reference(q, bank_k, bank_v, slot, rope_cos=rope_cos, rope_sin=rope_sin)
 
 
 def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,
@@ -359,6 +304,9 @@ def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float
         raise ValueError("upsample_masks: asked for neither the mask nor the logits")
     if _use_triton("mask_upsample", logits.device.type) and not _declined(
             "mask_upsample", _mu.unsupported_reason(logits, size)):
+        if not torch.compiler.is_compiling():
+            return _upsample_masks_impl(logits, int(size[0]), int(size[1]), float(threshold),
+                                        want_logits, want_mask)
         mask, big = torch.ops.sam2_fast.upsample_masks(logits, int(size[0]), int(size[1]),
                                                       float(threshold), want_logits, want_mask)
         return (mask if want_mask else None), (big if want_logits else None)

@@ -26,7 +26,11 @@ import triton.language as tl
 from ._common import LaunchConfig, check_dtype, raise_if
 
 
-@triton.jit
+# H (frame height) and C (1 mask per object in video, 3 multimask outputs in images) change
+# between calls and feed no vector access (row masks, the plane split): not specialised.
+# W stays specialised (a multiple of 16 keeps output rows 16-byte aligned: vector stores),
+# and so do the strides (s_xw == 1: contiguous loads). AOT: 15 -> 6 variants per dtype/target.
+@triton.jit(do_not_specialize=["H", "C"])
 def _upsample_threshold_kernel(
     x_ptr, mask_ptr, logit_ptr,
     s_xn, s_xc, s_xh, s_xw,    # input strides (any layout)
@@ -103,10 +107,13 @@ def all_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
 
 def upsample_masks_triton(logits: torch.Tensor, size: Tuple[int, int], threshold: float = 0.0,
                           want_logits: bool = False, mask_out: Optional[torch.Tensor] = None,
-                          logits_out: Optional[torch.Tensor] = None, want_mask: bool = True):
+                          logits_out: Optional[torch.Tensor] = None, want_mask: bool = True,
+                          check: bool = True):
     """Launch the kernel (tensors: module docstring). ``mask_out`` may be a uint8 or bool buffer.
-    Returns (mask | None, logits | None): only what was asked for is written."""
-    raise_if(unsupported_reason(logits, size), "upsample_masks")
+    Returns (mask | None, logits | None): only what was asked for is written. ``check=False``:
+    the caller has just run ``unsupported_reason`` (the selection layer)."""
+    if check:
+        raise_if(unsupported_reason(logits, size), "upsample_masks")
     if not (want_mask or want_logits):
         raise ValueError("upsample_masks: asked for neither the mask nor the logits")
     n, c, h, w = logits.shape

@@ -27,6 +27,7 @@ written atomically (temporary file + rename); an unreadable cache is ignored, no
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -95,6 +96,7 @@ def cache_path() -> str:
     return os.path.join(root, "backend_choices.json")
 
 
+@functools.lru_cache(maxsize=None)
 def _versions() -> str:
     try:
         import triton
@@ -107,7 +109,13 @@ def _versions() -> str:
 def _card(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
-    props = torch.cuda.get_device_properties(device)
+    return _cuda_card_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_card_name(index: int) -> str:
+    """Asked once per device: the key is built on every call (host time, issue 8 item 8)."""
+    props = torch.cuda.get_device_properties(index)
     return f"{props.name}|sm{props.major}{props.minor}|{props.multi_processor_count}sm"
 
 

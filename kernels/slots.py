@@ -40,6 +40,14 @@ def _triton_ok(t: torch.Tensor) -> Optional[str]:
 # args: q (B, Nq, DK), k (B, Nk, DK), v (B, Nk, DV), ranges (B, 4) int32 | None
 
 
+def _unchecked(launcher):
+    """A Triton launcher without its own input check: ``select.choose`` runs the candidate's
+    ``unsupported`` on every call before it returns the candidate (one pass, not two)."""
+    def run(*args):
+        return launcher(*args, check=False)
+    return run
+
+
 def _under(backend, fn):
     """``fn`` (a PyTorch path) with SDPA restricted to one backend."""
     def run(*args):
@@ -63,7 +71,7 @@ def _vspace_triton_unsupported(q, k, v, ranges) -> Optional[str]:
 MEMORY_ATTENTION = Slot(
     name="memory_attention",
     candidates=(
-        Candidate("triton", _va.vspace_attention_triton, _vspace_triton_unsupported),
+        Candidate("triton", _unchecked(_va.vspace_attention_triton), _vspace_triton_unsupported),
         Candidate("sdpa", _va.vspace_attention_reference),
         Candidate("sdpa-efficient", _under(SDPBackend.EFFICIENT_ATTENTION, _va.vspace_attention_reference)),
         Candidate("sdpa-cudnn", _under(SDPBackend.CUDNN_ATTENTION, _va.vspace_attention_reference)),
@@ -92,7 +100,7 @@ def _window_triton_unsupported(qkv, bias, heads, window, pool) -> Optional[str]:
 WINDOW_ATTENTION = Slot(
     name="window_attention",
     candidates=(
-        Candidate("triton", _wa.window_attention_triton, _window_triton_unsupported),
+        Candidate("triton", _unchecked(_wa.window_attention_triton), _window_triton_unsupported),
         Candidate("torch", _wa.window_attention_reference),
         Candidate("torch-efficient", _under(SDPBackend.EFFICIENT_ATTENTION, _wa.window_attention_reference)),
         Candidate("torch-flash", _under(SDPBackend.FLASH_ATTENTION, _wa.window_attention_reference)),
@@ -115,7 +123,8 @@ WINDOW_ATTENTION = Slot(
 
 
 def _up_triton(logits, height, width, threshold, want_logits, want_mask):
-    return _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits, want_mask=want_mask)
+    return _mu.upsample_masks_triton(logits, (height, width), threshold, want_logits, want_mask=want_mask,
+                                     check=False)  # _up_unsupported ran in select.choose
 
 
 def _up_torch(logits, height, width, threshold, want_logits, want_mask):

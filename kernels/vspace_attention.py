@@ -28,15 +28,17 @@ queries, Nk = 7 x 4096 + 64 = 28,736 keys, DK = 256.
     limit, as in FlashAttention-3's analysis, so no extra work per score (masks only in the
     tail blocks, scale folded into one multiply).
 Grid: (Nq / BLOCK_M, B, splits). B = 1 gives 32 query blocks for 132 SMs, so the keys are
-split (split-KV) to whole waves of the card (``choose_splits``); partials are fp32
-(splits x B x Nq x 64 x 4 B = 4 MB at 4 splits: 64-d values make them 4x cheaper than the
-256-d kernel's) and merged by a second small kernel.
+split (split-KV) to whole waves of the card (``choose_splits``: 8 splits = 256 programs =
+1.94 waves on an H200); partials are fp32 (splits x B x Nq x 64 x 4 B = 8 MB at 8 splits,
+written once and read once by a second small kernel: 16 MB ~ 5 us at 3 TB/s against
+~130 us of attention, so bf16 partials would save ~2 % and are not worth their rounding).
 Loads: k/v rows are contiguous (channel stride 1, row stride a multiple of 16 bytes): the
 compiler issues 16-byte vector loads and pipelines them (``num_stages``) into shared memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, raise_if
+from ._common import LaunchConfig, card, raise_if
 
 LOG2E = 1.4426950408889634
 # (DK, DV) pairs the launcher takes (each one is an AOT-checked compiled variant).
@@ -103,9 +105,13 @@ def _attend_range(q, k_base, v_base, s_kt, s_vt, start, end, j_lo, j_hi, m_i, l_
     return m_i, l_i, acc
 
 
-# n_splits / B: runtime values that are often 1; specialising on 1 would compile a second
-# variant in the first frames (splits 4 -> 1 when the batch grows), so they stay plain ints.
-@triton.jit(do_not_specialize=["n_splits"])
+# Integers that change from call to call are not specialised (a new value class would compile
+# a new variant in the first frames): n_splits (often 1: 8 -> 1 when the batch grows) and Nk
+# (4100 keys after the first frame, 8200, ..., 28,736: divisible by 16 or not as the bank
+# fills; it only bounds the tail block's row mask, which does not affect vector width).
+# Strides stay specialised: divisibility by 16 is what lets the loads be 16-byte vectors.
+# AOT: 6 -> 4 attention variants per dtype and target (Nk % 16 no longer splits them).
+@triton.jit(do_not_specialize=["Nk", "n_splits"])
 def _vspace_attn_kernel(
     q_ptr, k_ptr, v_ptr, rng_ptr, out_ptr, part_ptr, lse_ptr,
     s_qb, s_qt, s_kb, s_kt, s_vb, s_vt, s_ob, s_ot,
@@ -193,11 +199,12 @@ def _vspace_merge_kernel(part_ptr, lse_ptr, out_ptr, s_ob, s_ot, Nq, B, n_splits
 
 
 def pick_config(dk: int, dv: int, capability: tuple = (9, 0)) -> LaunchConfig:
-    """Tiles per card family. Shared memory: q (BM x DK) + stages x (k BN x DK + v BN x DV).
+    """Tiles per card family; shared memory as compiled (triton 3.8, d_v 64 / 256).
 
-    sm_90 (227 KiB): 128x64 tiles, 3 stages: 64 + 3 x 40 = 184 KiB at (256, 64), 8 warps =
-    two warpgroups of 64 query rows each (wgmma M = 64). sm_80 (163 KiB): 2 stages, 144 KiB.
-    sm_86/89 (99 KiB): 64x32 tiles, 2 stages, 72 KiB. DV = 256 widens v: fewer stages.
+    sm_90 (227 KiB a block): 128x64 tiles, 3 stages: q 64 KiB + 3 x (k 32 + v 8) = 184 KiB at
+    (256, 64), 8 warps = two warpgroups of 64 query rows each (wgmma M = 64); d_v 256: 2
+    stages, 192 KiB. sm_80 (163 KiB): 128x64, 2 stages, 104 KiB (q stays in registers for
+    mma.sync); d_v 256: 64x64, 104 KiB. sm_86/89 (99 KiB): 64x32, 2 stages, 52 / 68 KiB.
     """
     major, minor = capability
     if (major, minor) in ((8, 6), (8, 7), (8, 9)) or major >= 12:
@@ -226,19 +233,61 @@ def all_configs():
     return out
 
 
-def choose_splits(programs: int, n_key_blocks: int, device: torch.device, ctas_per_sm: int = 1) -> int:
-    """Split-KV so that the grid is as close to whole waves as possible without going over.
+# Resident programs per SM of every tile ``pick_config`` returns, from the compiled kernels
+# (triton 3.8 AOT, ``ctas_per_sm`` of their shared memory and registers; checked for every
+# variant by tests/kernels/test_aot_compile.py::test_vspace_occupancy_is_documented):
+# sm_90 128x64x3 stages 184 KiB shared (124-189 registers x 256 threads) -> 1;
+# sm_80 128x64x2 104 KiB (166 registers x 256) -> 1; sm_86/89 64x32x2 52 KiB (134-141 x 128)
+# -> 1 (2 x 53 KiB > 100 KiB); d_v 256: 192 / 104 / 68 KiB -> 1. Shared memory bounds them all.
+PROGRAMS_PER_SM = 1
+# Split-KV cost model (``choose_splits``), in units of one key block streamed by one program:
+PROGRAM_OVERHEAD_BLOCKS = 2  # q tile in (BM x DK x 2 B = 64 KiB ~ 1.6 k/v blocks of 40 KiB) + output
+SPLIT_OVERHEAD_BLOCKS = 2    # fp32 partial out (BM x DV x 4 = 32 KiB) and read back by the merge
+TAIL_WAVES = 0.25            # the last wave's spread, in programs (see choose_splits)
+SPLIT_MARGIN = 0.03          # a split must be modelled this much faster than fewer splits
+MIN_BLOCKS_PER_SPLIT = 8     # below this a program's fixed costs dominate
+MAX_SPLITS = 8               # partials: splits x B x Nq x DV x 4 B (8 MB at B = 1, d_v 64)
 
-    programs: query blocks x batch. 32 programs on 132 SMs -> 4 splits = 128 programs
-    (0.97 wave); 5 would give 160 = 1.2 waves, the last 0.2 of which costs a whole wave.
-    Each split keeps >= 8 key blocks so the merge (one extra pass) stays small.
+
+def split_cost(programs: int, n_key_blocks: int, slots: int, splits: int) -> float:
+    """Modelled time of one launch in key-block units (see ``choose_splits``)."""
+    waves = -(-programs * splits // slots)
+    per_program = (-(-n_key_blocks // splits) + PROGRAM_OVERHEAD_BLOCKS
+                   + (SPLIT_OVERHEAD_BLOCKS if splits > 1 else 0))
+    return (waves + TAIL_WAVES) * per_program
+
+
+def choose_splits(programs: int, n_key_blocks: int, sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """KV splits so that B x query blocks x splits programs fill whole waves of the card.
+
+    programs: B x query blocks (the grid without splits); n_key_blocks: cdiv(Nk, BLOCK_N);
+    sms: the card's SM count (0 off the GPU: 1 split). slots = sms x programs_per_sm run at
+    once; ``splits`` gives programs x splits programs in ceil(programs x splits / slots) whole
+    waves, each program streaming ceil(n_key_blocks / splits) blocks plus fixed costs:
+        cost(s) = (waves(s) + TAIL_WAVES) x (ceil(n_key_blocks / s) + 2 + (2 if s > 1))
+    TAIL_WAVES charges the last wave's spread (programs of one wave do not end together;
+    shorter programs shorten it). Splits run 1..min(MAX_SPLITS, n_key_blocks / 8); the fewest
+    splits within SPLIT_MARGIN of the lowest cost win (gains the model cannot resolve do not
+    pay for the partials and the merge).
+    H200 (132 SMs), tiny's full bank: 4096 queries / 128 = 32 programs, 28,736 keys / 64 =
+    449 blocks:
+        s = 1: 32 programs, 1 wave, cost 1.25 x 451 = 564    (measured 669 us)
+        s = 4: 128 programs, 0.97 wave, 1.25 x 117 = 146      (274 us, the old choice)
+        s = 8: 256 programs, 1.94 waves -> 2, 2.25 x 61 = 137  (241 us)  <- chosen
+    (measured: NOTES.md, first H200 run; both split rows then included a per-call copy of the
+    key ranges, so the 4-vs-8 gap is to be re-measured: kernel_candidates.py sweeps 1-16
+    splits with ranges given). 8 objects: 256 programs are 1.94 waves already: 2 splits
+    (cost 973 vs 1015 at 1). A100 (108 SMs): 6 splits (192 programs, 1.78 waves, cost 178
+    vs 263 at 4 = 1.19 waves); L4 (58 SMs, 64-row tiles): 7 splits at 1 object, 1 at 8
+    (512 programs = 8.8 waves: splits gain < 3 %).
     """
-    if device.type != "cuda":
+    if sms <= 0 or programs <= 0:
         return 1
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * ctas_per_sm
-    if programs >= slots:
-        return 1
-    return max(1, min(slots // max(programs, 1), n_key_blocks // 8))
+    slots = sms * max(1, programs_per_sm)
+    top = max(1, min(MAX_SPLITS, n_key_blocks // MIN_BLOCKS_PER_SPLIT))
+    costs = {s: split_cost(programs, n_key_blocks, slots, s) for s in range(1, top + 1)}
+    best = min(costs.values())
+    return min(s for s, c in costs.items() if c <= best * (1 + SPLIT_MARGIN))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -269,21 +318,30 @@ def unsupported_reason(q, k, v, ranges) -> Optional[str]:
 # ----------------------------------------------------------------------------- launcher
 
 
+@functools.lru_cache(maxsize=1024)
+def _splits_for(programs: int, n_key_blocks: int, sms: int) -> int:
+    """``choose_splits`` once per shape and card (its cost loop took ~7 us per call)."""
+    return choose_splits(programs, n_key_blocks, sms)
+
+
 def vspace_attention_triton(q, k, v, ranges: Optional[torch.Tensor] = None,
                             out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
-                            config: Optional[LaunchConfig] = None) -> torch.Tensor:
-    """Launch (tensors: module docstring). ``config`` overrides the per-card tile choice."""
-    raise_if(unsupported_reason(q, k, v, ranges), "vspace_attention")
+                            config: Optional[LaunchConfig] = None, check: bool = True) -> torch.Tensor:
+    """Launch (tensors: module docstring). ``config`` overrides the per-card tile choice.
+    ``check=False``: the caller has just run ``unsupported_reason`` (the selection layer does
+    for every call), so the launch skips the second pass over the inputs."""
+    if check:
+        raise_if(unsupported_reason(q, k, v, ranges), "vspace_attention")
     b, nq, dk = q.shape
     nk, dv = k.shape[1], v.shape[2]
     if out is None:
         out = torch.empty((b, nq, dv), device=q.device, dtype=q.dtype)
-    cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else (9, 0)
-    cfg = config or pick_config(dk, dv, cap)
+    gpu = card(q.device)  # cached per device: no property query per call
+    cfg = config or pick_config(dk, dv, gpu.capability)
     n_qb = triton.cdiv(nq, cfg.block_m)
-    splits = num_splits if num_splits is not None else choose_splits(n_qb * b, triton.cdiv(nk, cfg.block_n),
-                                                                     q.device)
-    splits = max(1, int(splits))
+    if num_splits is None:
+        num_splits = _splits_for(n_qb * b, triton.cdiv(nk, cfg.block_n), gpu.sms)
+    splits = max(1, int(num_splits))
     if splits > 1:
         part = torch.empty((splits, b, nq, dv), device=q.device, dtype=torch.float32)
         lse = torch.empty((splits, b, nq), device=q.device, dtype=torch.float32)

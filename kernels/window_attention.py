@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, MIN_DOT_TILE, check_dtype, dot_precision, next_pow2, raise_if
+from ._common import LaunchConfig, MIN_DOT_TILE, card, check_dtype, dot_precision, next_pow2, raise_if
 
 # Hiera pools queries with a (2, 2) max pool (``q_stride``); nothing else is supported.
 Q_POOL_STRIDE = 2
@@ -69,7 +69,16 @@ def _load_kv(ptr, kv_off, in_map, is_pad, bias, d_ok):
     return tl.where(is_pad[:, None], bias[None, :], x)
 
 
-@triton.jit
+# Map and window geometry, window counts and heads are not specialised: Triton would compile
+# a variant per value class (==1: global blocks have n_win 1, tiny's first stage 1 head;
+# %16: 64x64 maps vs 63x63...), and none of them feeds a vector access: they bound masks and
+# split program ids. Without them the global and the 14x14-window blocks of a stage share one
+# variant (AOT, 8 configs at 1024 px: 21 -> 15 compiled variants per dtype and target).
+# Kept specialised: the strides and C (a multiple of 16 puts the k/v channel blocks on
+# 16-byte boundaries, so their loads are 16-byte vectors) and ``pool`` (its 1 is a real
+# second code path).
+@triton.jit(do_not_specialize=["H", "W", "HQ", "WQ", "WKH", "WKW", "WQH", "WQW", "n_win_x", "n_win",
+                               "num_heads"])
 def _window_attn_kernel(
     qkv_ptr, bias_ptr, out_ptr,
     s_qkv_b, s_qkv_h, s_qkv_w,      # qkv strides (channel stride is 1)
@@ -232,34 +241,48 @@ def output_shape(qkv: torch.Tensor, window: int, q_pool: bool) -> Tuple[int, int
 # ----------------------------------------------------------------------------- launcher
 
 
-def pick_config(n_q: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """Block sizes for one window of n_q queries (every choice is listed by all_configs)."""
+def pick_config(n_q: int, head_dim: int, dtype: torch.dtype, capability: tuple = (9, 0)) -> LaunchConfig:
+    """Block sizes for one window of n_q queries on a card (every choice is in all_configs).
+
+    BLOCK_M: the window's queries rounded up to a power of two (>= 16), at most 128 (64 for
+    fp32 / wide heads, twice the registers); 8 warps at 128 rows. BLOCK_N 64, except on
+    sm_8x for head dims that need the second channel tile (D1 > 0: Hiera's 72 and 96): there
+    the 64-key tiles ran out of the 255 registers (ptxas, triton 3.8: 4-72 B of spills at
+    BLOCK_M 16-128, 255 registers), while 32-key tiles compile spill-free with mma.sync at
+    176-183 registers for 72 and 255 (no spill) for 96, under triton 3.6's ptxas too. It also
+    wastes fewer keys on 14x14 windows (196 keys: 224 loaded instead of 256). sm_90 keeps 64
+    (wgmma, 175-250 registers, no spills).
+    """
     wide = dtype == torch.float32 or next_pow2(head_dim) > 128
     cap = 64 if wide else 128  # fp32 / wide tiles need twice the registers and smem
     block_m = min(max(next_pow2(n_q), MIN_DOT_TILE), cap)
-    block_n = 32 if wide else 64
+    narrow_keys = wide or (capability[0] < 9 and head_split(head_dim)[1] > 0)
+    block_n = 32 if narrow_keys else 64
     return LaunchConfig(block_m, block_n, 4 if block_m <= 64 else 8, 2)
 
 
 # Query-window sizes of SAM 2's Hiera blocks: pooled 2x2 / 4x4, 7x7 / 8x8, 14x14, global.
 HIERA_WINDOW_QUERIES = (4, 16, 49, 64, 196, 4096)
+# Capabilities whose tile choice differs (sm_86/89 take sm_80's: same rule).
+CAPABILITIES = ((8, 0), (9, 0))
 
 
 def all_configs(head_dims, dtypes=(torch.float16, torch.bfloat16),
-                n_queries=HIERA_WINDOW_QUERIES):
-    """Every (dtype, constexprs, LaunchConfig) the launcher picks on a GPU for these head dims
-    and window query counts (q pooling and the bias are runtime arguments, not variants).
-    fp32 runs only under the interpreter (tests): on CUDA it is declined, so not compiled."""
+                n_queries=HIERA_WINDOW_QUERIES, capabilities=CAPABILITIES):
+    """Every (dtype, constexprs, LaunchConfig, capability) the launcher picks on a GPU for
+    these head dims and window query counts (q pooling and the bias are runtime arguments,
+    not variants). fp32 runs only under the interpreter (tests): on CUDA it is declined."""
     out = []
-    for dt in dtypes:
-        for hd in head_dims:
-            for n_q in n_queries:
-                cfg = pick_config(n_q, hd, dt)
-                d0, d1 = head_split(hd)
-                item = (dt, dict(HEAD_DIM=hd, D0=d0, D1=d1, BLOCK_M=cfg.block_m,
-                                 BLOCK_N=cfg.block_n, DOT_PREC=dot_precision(dt)), cfg)
-                if item not in out:
-                    out.append(item)
+    for cap in capabilities:
+        for dt in dtypes:
+            for hd in head_dims:
+                for n_q in n_queries:
+                    cfg = pick_config(n_q, hd, dt, cap)
+                    d0, d1 = head_split(hd)
+                    item = (dt, dict(HEAD_DIM=hd, D0=d0, D1=d1, BLOCK_M=cfg.block_m,
+                                     BLOCK_N=cfg.block_n, DOT_PREC=dot_precision(dt)), cfg, cap)
+                    if item not in out:
+                        out.append(item)
     return out
 
 
@@ -279,9 +302,11 @@ def launch_grid(batch: int, n_win: int, num_heads: int, n_q: int, cfg: LaunchCon
 
 def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int,
                             window: int, q_pool: bool,
-                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch the kernel (see the module docstring for the tensors). ``out`` may be given."""
-    raise_if(unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool), "window_attention")
+                            out: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
+    """Launch the kernel (see the module docstring for the tensors). ``out`` may be given.
+    ``check=False``: the caller has just run ``unsupported_reason`` (the selection layer)."""
+    if check:
+        raise_if(unsupported_reason(qkv, qkv_bias, num_heads, window, q_pool), "window_attention")
     b, h, w, c3 = qkv.shape
     c = c3 // 3
     hd = c // num_heads
@@ -293,7 +318,7 @@ def window_attention_triton(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
         raise ValueError(f"window_attention: out must be {shape} {qkv.dtype} with unit channel stride")
     n_q = g["wqw"][0] * g["wqw"][1]
     n_win = g["n_win_y"] * g["n_win_x"]
-    cfg = pick_config(n_q, hd, qkv.dtype)
+    cfg = pick_config(n_q, hd, qkv.dtype, card(qkv.device).capability)
     grid = launch_grid(b, n_win, num_heads, n_q, cfg)
     # A padded token's k/v is the bias rounded to qkv's dtype (what the projection outputs).
     bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)

@@ -1,7 +1,7 @@
 """The kernel launches SAM 2 makes, captured from the real launchers (no GPU, no compile).
 
-Each launcher (``window_attention_triton``, ``memory_attention_triton``,
-``vspace_attention_triton``, ``upsample_masks_triton``) is called at SAM 2 shapes with
+Each launcher (``window_attention_triton``, ``vspace_attention_triton``,
+``upsample_masks_triton``) is called at SAM 2 shapes with
 meta tensors while its ``@triton.jit`` kernel object is replaced by a recorder. What the
 recorder sees is exactly what ``kernel[grid](*args, **kwargs)`` would hand to Triton on a
 card: meta tensors report ``data_ptr() == 0`` for a fresh allocation and the byte offset for
@@ -12,22 +12,21 @@ and on integers divisible by 16, constexpr 1 for integers equal to 1 unless the 
 lists them in ``do_not_specialize``) that a launch on the card compiles.
 
 Card-dependent choices (tile per capability, split-KV from the SM count) are taken by the
-launchers' own functions, shown a card through ``on_card``.
+launchers' own functions, shown a card through ``on_card`` (the module's ``card(device)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from sam2_fast.config import PRESETS
+from sam2_fast.kernels._common import Card
 from sam2_fast.kernels import mask_upsample as mu
-from sam2_fast.kernels import memory_attention as ma
 from sam2_fast.kernels import vspace_attention as vs
 from sam2_fast.kernels import window_attention as wa
 from sam2_fast.modeling import hiera as hiera_mod
@@ -84,36 +83,16 @@ def recording(module, *names: str) -> Iterator[List[tuple]]:
 
 
 @contextlib.contextmanager
-def on_card(cc: int, module, *card_fns: str):
-    """Make the launcher's card-dependent helpers (``pick_config(..., capability)``,
-    ``choose_splits(..., device)``) answer for compute capability ``cc``: the device they
-    are shown is CUDA and ``torch.cuda.get_device_properties`` reports that card's SMs."""
-    saved = {n: getattr(module, n) for n in card_fns}
-    props = types.SimpleNamespace(multi_processor_count=CARDS[cc])
-    real_props = torch.cuda.get_device_properties
-
-    def wrap(name, real):
-        sig = inspect.signature(real)
-
-        def call(*args, **kwargs):
-            if "capability" in sig.parameters:  # the card's, not the CPU default
-                bound = sig.bind(*args, **kwargs)
-                bound.arguments["capability"] = divmod(cc, 10)
-                args, kwargs = bound.args, bound.kwargs
-            args = tuple(torch.device("cuda") if isinstance(a, torch.device) else a for a in args)
-            kwargs = {k: torch.device("cuda") if isinstance(v, torch.device) else v for k, v in kwargs.items()}
-            return real(*args, **kwargs)
-        return call
-
+def on_card(cc: int, module):
+    """Make the launcher of ``module`` see a card of compute capability ``cc`` with that card's
+    SM count: its ``card(device)`` (through which the tile choice and split-KV see the GPU)
+    answers for that card while the meta tensors stay on the meta device."""
+    saved = module.card
+    module.card = lambda device: Card(divmod(cc, 10), CARDS[cc])
     try:
-        torch.cuda.get_device_properties = lambda *a, **k: props
-        for n, real in saved.items():
-            setattr(module, n, wrap(n, real))
         yield
     finally:
-        torch.cuda.get_device_properties = real_props
-        for n, real in saved.items():
-            setattr(module, n, real)
+        module.card = saved
 
 
 def _collect(sink, dtype, cards, what, **extra) -> List[Launch]:
@@ -123,7 +102,8 @@ def _collect(sink, dtype, cards, what, **extra) -> List[Launch]:
 # ----------------------------------------------------------------------------- window attention
 def window_launches() -> List[Launch]:
     """Every Hiera block of the 8 official configs at 1024 px (batch 1; a batch only moves
-    the grid), in each dtype. Same launch on every card (no card-dependent choice)."""
+    the grid), in each dtype, on each card (the tile depends on the capability; launches
+    that come out the same on several cards are one variant, ``aot_compile.group``)."""
     out: List[Launch] = []
     seen = set()
     for name, cfg in sorted(PRESETS.items()):
@@ -133,55 +113,16 @@ def window_launches() -> List[Launch]:
             key = (side, blk["dim_out"], blk["num_heads"], blk["window"], pool)
             if key not in seen:
                 seen.add(key)
-                for dt in _dtypes(wa.all_configs([64]), 0):
-                    qkv = torch.empty(1, side, side, 3 * blk["dim_out"], device=META, dtype=dt)
-                    bias = torch.empty(3 * blk["dim_out"], device=META)
-                    with recording(wa, "_window_attn_kernel") as sink:
-                        wa.window_attention_triton(qkv, bias, blk["num_heads"], blk["window"], pool)
-                    out += _collect(sink, dt, CARDS, f"{name} block {i} ({side}x{side}, window "
-                                    f"{blk['window']}, heads {blk['num_heads']}, pool {pool})")
+                for cc in CARDS:
+                    for dt in _dtypes(wa.all_configs([64]), 0):
+                        qkv = torch.empty(1, side, side, 3 * blk["dim_out"], device=META, dtype=dt)
+                        bias = torch.empty(3 * blk["dim_out"], device=META)
+                        with recording(wa, "_window_attn_kernel") as sink, on_card(cc, wa):
+                            wa.window_attention_triton(qkv, bias, blk["num_heads"], blk["window"], pool)
+                        out += _collect(sink, dt, (cc,), f"{name} block {i} ({side}x{side}, window "
+                                        f"{blk['window']}, heads {blk['num_heads']}, pool {pool})")
             if pool:
                 side //= 2
-    return out
-
-
-# ----------------------------------------------------------------------------- fused RoPE memory attention (old kernel)
-def _rope_attention_launch(dt, cc, n_slots: int, n_ptr: int, self_attn: bool, d: int = 256) -> List[Launch]:
-    """What ``modeling/rope._fused_rope_attention`` hands the kernel: projections of one
-    layer, (B, N, d), banks as views of the key/value projections."""
-    nk = n_slots * TOKENS + n_ptr
-    q = torch.empty(1, TOKENS, d, device=META, dtype=dt)
-    k = torch.empty(1, nk, d, device=META, dtype=dt)
-    v = torch.empty(1, nk, d, device=META, dtype=dt)
-    cos, sin = (torch.empty(TOKENS, d // 2, device=META) for _ in range(2))
-    with recording(ma, "_mem_attn_kernel", "_merge_splits_kernel") as sink, on_card(cc, ma, "choose_splits"):
-        if self_attn:  # what dispatch.rope_self_attention launches
-            ma.memory_attention_triton(q, k.unsqueeze(1), v.unsqueeze(1),
-                                       torch.zeros(1, dtype=torch.int32, device=META),
-                                       rope_cos=cos, rope_sin=sin)
-        else:
-            n_rot = n_slots * TOKENS
-            bank_k = k[:, :n_rot].unflatten(1, (n_slots, TOKENS))
-            bank_v = v[:, :n_rot].unflatten(1, (n_slots, TOKENS))
-            ptr_k, ptr_v = (k[:, n_rot:], v[:, n_rot:]) if n_ptr else (None, None)
-            slots = torch.arange(n_slots, dtype=torch.int32, device=META)
-            ma.memory_attention_triton(q, bank_k, bank_v, slots, ptr_k, ptr_v, cos, sin)
-    what = f"self-attention d {d}" if self_attn else f"cross-attention, {n_slots} memories + {n_ptr} pointer tokens"
-    return _collect(sink, dt, (cc,), what)
-
-
-def memory_launches() -> List[Launch]:
-    """Memory attention of a tracked video: self-attention, and cross-attention from the
-    first frame (1 memory, 4 pointer tokens) to a full bank (7 memories, 16 pointers = 64).
-    Head dim 32 (``ma.HEAD_DIMS``) is reachable through ``dispatch.rope_self_attention``
-    though no SAM 2 layer calls it today: compiled as a self-attention."""
-    out: List[Launch] = []
-    for cc in CARDS:
-        for dt in _dtypes(ma.all_configs(), 1):
-            out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True)
-            out += _rope_attention_launch(dt, cc, 1, 0, self_attn=True, d=32)
-            for n_slots, n_ptr in ((1, 4), (2, 8), (7, 64)):
-                out += _rope_attention_launch(dt, cc, n_slots, n_ptr, self_attn=False)
     return out
 
 
@@ -201,7 +142,7 @@ def vspace_launches() -> List[Launch]:
                     v = torch.empty(b, nk, dv, device=META, dtype=dt)
                     rng = torch.empty(b, 4, dtype=torch.int32, device=META) if ranged else None
                     with recording(vs, "_vspace_attn_kernel", "_vspace_merge_kernel") as sink, \
-                            on_card(cc, vs, "pick_config", "choose_splits"):
+                            on_card(cc, vs):
                         vs.vspace_attention_triton(q, k, v, rng)
                     out += _collect(sink, dt, (cc,), f"{b} object(s), {nk} keys, ranges {ranged}",
                                     config=vs.pick_config(dk, dv, divmod(cc, 10)))
@@ -229,7 +170,7 @@ def upsample_launches() -> List[Launch]:
 
 
 LAUNCHERS: Dict[str, Callable[[], List[Launch]]] = {
-    "window": window_launches, "memory": memory_launches, "vspace": vspace_launches,
+    "window": window_launches, "vspace": vspace_launches,
     "upsample": upsample_launches,
 }
 

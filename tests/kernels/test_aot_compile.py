@@ -15,8 +15,8 @@ Checks, per compiled variant:
   * 16-bit variants: tensor-core instructions in the PTX (``mma.sync`` on sm_80,
     ``wgmma`` on sm_90 where the tile allows it: BLOCK_M >= 64), zero register spills in the
     ptxas log (Triton's own ``ptxas -v``), and for the memory kernels no scalar 16-bit
-    global loads (``ld.global.b16``). Known failures of the old memory kernel are strict
-    xfails with the measured reason: fixing them turns the xfail into a failure to remove.
+    global loads (``ld.global.b16``). Known failures are xfails with the measured reason
+    (``known_failure``); strict ones turn into a failure to remove once fixed.
 
 Run WITHOUT TRITON_INTERPRET (with it, @triton.jit gives interpreted functions):
     env -u TRITON_INTERPRET .venv/bin/python -m pytest -q tests/kernels -m aot
@@ -28,6 +28,7 @@ TRITON_CACHE_DIR.
 from __future__ import annotations
 
 import os
+import resource
 import time
 
 import pytest
@@ -45,21 +46,21 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
     VARIANTS = C.group(L.all_launches())
     JOBS = sorted(((i, cc) for i, v in enumerate(VARIANTS) for cc in C.targets(v)),
-                  key=lambda j: VARIANTS[j[0]].name.startswith(("mem_attn", "vspace_attn")), reverse=True)
+                  key=lambda j: VARIANTS[j[0]].name.startswith("vspace_attn"), reverse=True)
     # One 16-bit variant per dot kernel, also compiled for sm_86 (test_sm86_shares_sm80_codegen).
     SM86_SAMPLES = {k: next(i for i, v in enumerate(VARIANTS) if v.name == k and v.dtype_name != "fp32"
                             and 80 in C.targets(v))
-                    for k in ("window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel")}
+                    for k in ("window_attn_kernel", "vspace_attn_kernel")}
 else:  # collected in the interpreter pass, then skipped
     VARIANTS, JOBS, SM86_SAMPLES = [], [], {}
 
-DOT_KERNELS = ("window_attn_kernel", "mem_attn_kernel", "vspace_attn_kernel")
+DOT_KERNELS = ("window_attn_kernel", "vspace_attn_kernel")
 try:  # ptxas differs between triton releases: 3.6 (the lent GPUs) spills a little more
     import triton as _triton
     _TRITON_36 = _triton.__version__.startswith("3.6")
 except Exception:  # noqa: BLE001
     _TRITON_36 = False
-MEMORY_KERNELS = ("mem_attn_kernel", "vspace_attn_kernel")
+MEMORY_KERNELS = ("vspace_attn_kernel",)
 
 
 def known_failure(v, check: str, cc: int):
@@ -67,21 +68,9 @@ def known_failure(v, check: str, cc: int):
     else None. Strict: a fix makes the test fail until the entry is removed. Spill counts move
     with the ptxas version (triton 3.6 bundles another), so spill entries are not strict."""
     tile = {n: v.constexpr(n) for n in ("D", "DV", "BLOCK_M")}
-    if v.name == "mem_attn_kernel" and tile["D"] == 256 and check == "spills":
-        return ("old memory kernel spills at 255 registers (issue 8): 748 B stores on sm_80, "
-                "~50 B on sm_90; being replaced by vspace_attention", False)
-    if v.name == "mem_attn_kernel" and check == "b16":
-        return ("old memory kernel loads even/odd channels with scalar 2-byte loads (issue 8): "
-                "256 ld.global.b16 at D=256", True)
-    if v.name == "window_attn_kernel" and check == "spills" and (cc < 90 or _TRITON_36):
-        return ("window kernel on sm_80 at 255 registers: 4-72 B spills for head dims 72/96 after the "
-                "64 + 16/32 head split (120-152 B at BLOCK_M 64 when padded to 128); sm_90 none under "
-                "triton 3.8; triton 3.6's ptxas measured 4-8 B more in places", False)
-    if v.name == "vspace_attn_kernel" and check == "spills" and tile["DV"] == 256:
-        return ("vspace comparison variant d_v 256 (no model path): 4-52 B spills at 255 "
-                "registers", False)
-    if v.name == "vspace_merge_kernel" and check == "spills" and tile["DV"] == 256 and cc >= 90:
-        return "vspace merge at d_v 256 (self-attention candidate): sm_90 272 B spills at BLOCK_M 64, now 32", False
+    if v.name == "vspace_attn_kernel" and check == "spills" and tile["DV"] == 256 and cc in (80, 90):
+        return ("vspace at d_v 256 (the memory self-attention's Triton candidate): 4-52 B spills at "
+                "255 registers on sm_80 (64x64) and sm_90 (128x64); sm_86's 64x32 none", False)
     return None
 
 
@@ -97,11 +86,16 @@ def compiled(request):
             wanted |= {(SM86_SAMPLES[params["kernel"]], 80), (SM86_SAMPLES[params["kernel"]], 86)}
     jobs = [j for j in JOBS + [(i, 86) for i in SM86_SAMPLES.values()] if j in wanted]
     start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = C.compile_all(VARIANTS, jobs, int(os.environ.get("AOT_JOBS", "2")))
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(r.seconds for r in out.values())
+    # CPU seconds of the compile workers and their ptxas runs: on a shared machine the wall
+    # time follows the load; this (/ AOT_JOBS) is what an idle machine would take
+    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     print(f"\nAOT: {len(VARIANTS)} variants, {len(jobs)} compiles in {wall:.0f} s wall "
-          f"({cpu:.0f} s of compile time)")
+          f"({cpu:.0f} s of compile time, {used:.0f} CPU s in the workers)")
     rows = {}
     for (i, cc), r in out.items():
         key = (VARIANTS[i].name, VARIANTS[i].dtype_name, cc)
@@ -191,19 +185,15 @@ def test_launches_cover_every_listed_config():
     (num_warps included; num_stages where the launch passes it)."""
     from sam2_fast.config import PRESETS
     from sam2_fast.kernels import mask_upsample as mu
-    from sam2_fast.kernels import memory_attention as ma
     from sam2_fast.kernels import vspace_attention as vs
     from sam2_fast.kernels import window_attention as wa
 
     head_dims = sorted({c // int(t.num_heads * t.head_mul**i) for t in (p.trunk for p in PRESETS.values())
                         for i, c in enumerate(t.stage_dims)})
     listed = {
-        "window_attn_kernel": [(dt, c, cfg) for dt, c, cfg in wa.all_configs(head_dims)],
-        "mem_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "attn"],
+        "window_attn_kernel": [(dt, c, cfg) for dt, c, cfg, _ in wa.all_configs(head_dims)],
         "vspace_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "attn"],
-        # one merge kernel serves both launchers (ma._merge_splits_kernel is vs._vspace_merge_kernel)
-        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"]
-        + [(dt, c, cfg) for kind, dt, c, cfg in ma.all_configs() if kind == "merge"],
+        "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"],
         "upsample_threshold_kernel": list(mu.all_configs()),
     }
     want = {(k, C.TL_NAME[str(dt).split(".")[-1]], tuple(sorted(c.items())), cfg.num_warps)
@@ -221,20 +211,47 @@ def test_launches_cover_every_listed_config():
 
 def test_capture_sees_runtime_specialisation():
     """Integers equal to 1 are constexpr, multiples of 16 carry divisibility, views keep
-    their alignment: the window kernel's single-head stage (tiny, stage 1: num_heads 1) and
-    the q-pooling flag (pool 1) are specialised as on the card."""
+    their alignment, except the arguments a kernel lists in ``do_not_specialize`` (per-call
+    counts and geometry that feed no vector access): as on the card."""
     window = [v for v in VARIANTS if v.name == "window_attn_kernel"]
     names = window[0].kernel.arg_names
     ones = {names[k[0]] for v in window for k in v.constexprs if not v.kernel.params[k[0]].is_constexpr}
-    assert {"num_heads", "pool"} <= ones, ones
+    assert ones == {"pool"}, ones  # geometry, window counts, heads: do_not_specialize
     div = {names[k[0]] for v in window for k, a in v.attrs.items() if a}
-    assert {"qkv_ptr", "H", "C"} <= div, div
-    # vspace: n_splits is do_not_specialize, so 1 and 4 splits share one variant
+    assert {"qkv_ptr", "C", "s_qkv_h", "s_qkv_w"} <= div and not div & {"H", "W", "n_win"}, div
+    up = [v for v in VARIANTS if v.name == "upsample_threshold_kernel"]
+    names = up[0].kernel.arg_names
+    assert all(v.signature["H"] == "i32" and v.signature["C"] == "i32" for v in up)
+    assert any(v.attrs.get((names.index("W"),)) for v in up)  # 1280, 1920: 16-byte rows
+    # vspace: n_splits and Nk are do_not_specialize, so 1 and 8 splits, 4100 and 28,736 keys
+    # share one variant; the strides keep their divisibility (16-byte vector loads)
     vsp = [v for v in VARIANTS if v.name == "vspace_attn_kernel"]
-    assert all(v.signature["n_splits"] == "i32" for v in vsp)
+    assert all(v.signature["n_splits"] == "i32" and v.signature["Nk"] == "i32" for v in vsp)
+    names = vsp[0].kernel.arg_names
+    assert all(not v.attrs.get((names.index("Nk"),)) for v in vsp)
+    assert all(v.attrs.get((names.index("s_kt"),)) for v in vsp)
 
 
-@pytest.mark.parametrize("kernel", ["window_attn_kernel", "vspace_attn_kernel", "mem_attn_kernel"])
+def _vspace_attn_jobs():
+    return [pytest.param(i, cc, id=f"{VARIANTS[i].ident()}-sm{cc}") for i, cc in JOBS
+            if VARIANTS[i].name == "vspace_attn_kernel"]
+
+
+@pytest.mark.parametrize("i,cc", _vspace_attn_jobs())
+def test_vspace_occupancy_is_documented(compiled, i, cc):
+    """Split-KV sizes its waves with ``vs.PROGRAMS_PER_SM``: it must be what the compiled
+    kernel's shared memory and registers allow on every card that launches it."""
+    from sam2_fast.kernels import vspace_attention as vs
+    from sam2_fast.kernels._common import ctas_per_sm
+    v, res = _result(compiled, i, cc)
+    for card in sorted(v.cards):
+        got = ctas_per_sm(res.shared, res.registers, v.options.get("num_warps", 4), divmod(card, 10))
+        assert got == vs.PROGRAMS_PER_SM, (f"{v.ident()} on sm_{card}: {got} resident programs per SM "
+                                           f"({res.shared} B shared, {res.registers} registers), "
+                                           f"PROGRAMS_PER_SM = {vs.PROGRAMS_PER_SM}")
+
+
+@pytest.mark.parametrize("kernel", ["window_attn_kernel", "vspace_attn_kernel"])
 def test_sm86_shares_sm80_codegen(compiled, kernel):
     """The sm_80 compile stands for sm_86/89 in the shared-memory check: same shared memory
     (one sample 16-bit variant per kernel, compiled for sm_86 here). Registers are not

@@ -10,25 +10,31 @@ from sam2_fast.kernels import dispatch as K
 dispatch = K
 
 
+# The value-space kernel takes 16-bit inputs only (fp32 goes to SDPA) and (d_qk, d_v) of
+# (256, 64) / (256, 256): fp16 here (the interpreter's bf16 tl.dot is wrong).
+MEM_DTYPE = torch.float16
+# Kernel vs PyTorch per output: fp32 paths agree to rounding (measured ~1e-7); the fp16
+# memory attention differs by fp16 rounding of P and the output (measured 2.3-2.8e-4 here,
+# seeds 0 and 1: the bar is ~20x that, loose enough for rounding, tight enough for a bug).
+TOL = (1e-5, 5e-3, 1e-5)
+
+
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(2, 10, 14, 3 * 16, generator=g)
     bias = torch.randn(3 * 16, generator=g)
-    q = torch.randn(2, 16, 32, generator=g)
-    bank = torch.randn(2, 3, 16, 32, generator=g)
-    ptr = torch.randn(2, 8, 32, generator=g)
-    ids = torch.tensor([2, 0], dtype=torch.int32)
-    cos, sin = K.rope_tables(32, 4, 4)
+    q = (torch.randn(2, 16, 256, generator=g) * 0.1).to(MEM_DTYPE)
+    k = (torch.randn(2, 40, 256, generator=g) * 0.1).to(MEM_DTYPE)
+    v = torch.randn(2, 40, 64, generator=g).to(MEM_DTYPE)
     logits = torch.randn(3, 1, 6, 7, generator=g) * 3
-    return qkv, bias, q, bank, ptr, ids, cos, sin, logits
+    return qkv, bias, q, k, v, logits
 
 
-def _run_all(qkv, bias, q, bank, ptr, ids, cos, sin, logits):
+def _run_all(qkv, bias, q, k, v, logits):
     a = K.window_attention(qkv, bias, 2, 4, True)
-    b = K.memory_cross_attention(q, bank, bank * 0.5, ids, ptr, ptr * 2, cos, sin)
-    c = K.rope_self_attention(q, q * 0.3, q.flip(1), cos, sin)
+    b = K.memory_attention_vspace(q, k, v)
     m, lg = K.upsample_masks(logits, (13, 17), 0.0, True)
-    return a, b, c, m, lg
+    return a, b, m, lg
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +50,7 @@ def _clean_env(monkeypatch):
 def test_cpu_default_is_reference_path():
     outs = _run_all(*_inputs())
     assert K.launch_counts() == {}
-    assert outs[0].shape == (2, 5, 7, 16) and outs[3].dtype == torch.bool
+    assert outs[0].shape == (2, 5, 7, 16) and outs[1].shape == (2, 16, 64) and outs[2].dtype == torch.bool
 
 
 def test_disable_all_beats_force(monkeypatch):
@@ -71,40 +77,38 @@ def test_forced_kernels_run_and_match_reference():
     want = _run_all(*inputs)
     with K.force_kernels():
         got = _run_all(*inputs)
-    assert K.launch_counts() == {"window_attention": 1, "memory_attention": 1,
-                                 "rope_self_attention": 1, "mask_upsample": 1}
-    for g, w in zip(got, want):
-        if g.dtype == torch.bool:
-            assert torch.equal(g, w)
-        else:
-            assert rel(g, w) < 1e-5
+    assert K.launch_counts() == {"window_attention": 1, "vspace_attention": 1, "mask_upsample": 1}
+    _assert_match(got, want)
+
+
+def _assert_match(got, want):
+    masks = [(g, w) for g, w in zip(got, want) if g.dtype == torch.bool]
+    assert all(torch.equal(g, w) for g, w in masks)
+    values = [(g, w) for g, w in zip(got, want) if g.dtype != torch.bool]
+    for (g, w), tol in zip(values, TOL):
+        assert rel(g, w) < tol, (rel(g, w), tol)
 
 
 @pytest.mark.interp
 @needs_interp
 @pytest.mark.parametrize("env,off", [("SAM2_FAST_DISABLE_WINDOW_ATTN", {"window_attention"}),
-                                     ("SAM2_FAST_DISABLE_MEMORY_ATTN",
-                                      {"memory_attention", "rope_self_attention"}),
+                                     ("SAM2_FAST_DISABLE_MEMORY_ATTN", {"vspace_attention"}),
                                      ("SAM2_FAST_DISABLE_MASK_UPSAMPLE", {"mask_upsample"})])
 def test_per_kernel_switch(monkeypatch, env, off):
     monkeypatch.setenv(env, "1")
     monkeypatch.setenv("SAM2_FAST_FORCE_KERNELS", "1")
     _run_all(*_inputs())
     ran = set(K.launch_counts())
-    assert ran == {"window_attention", "memory_attention", "rope_self_attention", "mask_upsample"} - off
+    assert ran == {"window_attention", "vspace_attention", "mask_upsample"} - off
 
 
 @pytest.mark.interp
 @needs_interp
 def test_unsupported_case_falls_back_with_a_named_reason():
-    q = torch.randn(1, 16, 24)  # head dim 24 is not a kernel head dim
-    bank = torch.randn(1, 2, 16, 24)
-    cos, sin = K.rope_tables(24, 4, 4)
-    with K.force_kernels():
-        out = K.memory_cross_attention(q, bank, bank, torch.tensor([1], dtype=torch.int32),
-                                       rope_cos=cos, rope_sin=sin)
-    assert out.shape == q.shape and "memory_attention" not in K.launch_counts()
-    assert any("head dim 24" in r for r in K.fallback_counts())
+    qkv = torch.randn(1, 8, 8, 3 * 16)
+    with K.force_kernels():  # 3 heads do not divide 16 channels
+        reason = K.window_attention_reason(qkv, None, 3, 4, False)
+    assert reason and any(reason in r for r in K.fallback_counts())
 
 
 def _compiled_matches(force: bool):
@@ -115,11 +119,7 @@ def _compiled_matches(force: bool):
     ctx = K.force_kernels() if force else torch.no_grad()
     with ctx:
         got = fn(*inputs)
-    for g, w in zip(got, want):
-        if g.dtype == torch.bool:
-            assert torch.equal(g, w)
-        else:
-            assert rel(g, w) < 1e-5
+    _assert_match(got, want)
     torch._dynamo.reset()
 
 
@@ -132,12 +132,11 @@ def test_compile_fullgraph_reference_path():
 @needs_interp
 def test_compile_fullgraph_through_custom_ops():
     _compiled_matches(force=True)
-    assert set(K.launch_counts()) == {"window_attention", "memory_attention",
-                                      "rope_self_attention", "mask_upsample"}
+    assert set(K.launch_counts()) == {"window_attention", "vspace_attention", "mask_upsample"}
 
 
 def test_custom_op_fake_shapes():
-    qkv, bias, q, bank, ptr, ids, cos, sin, logits = _inputs()
+    qkv, bias, q, k, v, logits = _inputs()
     torch.library.opcheck(torch.ops.sam2_fast.window_attention, (qkv, bias, 2, 4, True),
                           test_utils=("test_schema", "test_faketensor")) if INTERPRETING else None
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -146,6 +145,8 @@ def test_custom_op_fake_shapes():
         fq = mode.from_tensor(qkv)
         out = torch.ops.sam2_fast.window_attention(fq, mode.from_tensor(bias), 2, 4, True)
         assert out.shape == (2, 5, 7, 16)
+        o = torch.ops.sam2_fast.vspace_attention(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v), None)
+        assert o.shape == (2, 16, 64) and o.dtype == MEM_DTYPE
         m, lg = torch.ops.sam2_fast.upsample_masks(mode.from_tensor(logits), 13, 17, 0.0, False, True)
         assert m.shape == (3, 1, 13, 17) and m.dtype == torch.bool and lg.numel() == 0
 

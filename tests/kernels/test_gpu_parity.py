@@ -1,7 +1,8 @@
 """The GPU check: every kernel on CUDA at SAM 2 shapes, bf16 included (skipped without CUDA).
 
     .venv/bin/python -m pytest -q tests/kernels/test_gpu_parity.py -m cuda
-The interpreter computes bf16 tl.dot wrongly, so bf16 is only checked here.
+The interpreter computes bf16 tl.dot wrongly, so bf16 is only checked here. The value-space
+memory kernel's CUDA check lives in test_vspace_attention.py (test_cuda_real_shape_bf16).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import torch
 from ktest_util import assert_attention_error, rel
 
 from sam2_fast.kernels import mask_upsample as mu
-from sam2_fast.kernels import memory_attention as ma
 from sam2_fast.kernels import window_attention as wa
 
 pytestmark = [pytest.mark.cuda,
@@ -35,27 +35,6 @@ def test_window_attention_gpu(case, dtype):
     out = torch.full(exact.shape, float("nan"), device="cuda", dtype=dtype)
     wa.window_attention_triton(qkv, bias, heads, window, pool, out=out)
     assert_attention_error(out, same, exact, f"window{case} {dtype}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES16)
-@pytest.mark.parametrize("b,n_mem,n_ptr", [(1, 7, 64), (3, 2, 4), (1, 1, 0)])
-def test_memory_cross_attention_gpu(b, n_mem, n_ptr, dtype):
-    side, d = 64, 256
-    n = side * side
-    q = torch.randn(b, n, d, device="cuda").to(dtype)
-    bank_k = torch.randn(b, n_mem + 1, n, d, device="cuda").to(dtype)
-    bank_v = torch.randn_like(bank_k)
-    ids = torch.arange(n_mem, device="cuda", dtype=torch.int32).flip(0)
-    pk = torch.randn(b, n_ptr, d, device="cuda").to(dtype) if n_ptr else None
-    pv = torch.randn(b, n_ptr, d, device="cuda").to(dtype) if n_ptr else None
-    cos, sin = ma.rope_tables(d, side, side, device="cuda")
-    dbl = (lambda t: None if t is None else t.double())
-    exact = ma.memory_attention_reference(q.double(), bank_k.double(), bank_v.double(), ids,
-                                          dbl(pk), dbl(pv), cos, sin)
-    same = ma.memory_attention_reference(q, bank_k, bank_v, ids, pk, pv, cos, sin)
-    out = torch.full_like(q, float("nan"))
-    ma.memory_attention_triton(q, bank_k, bank_v, ids, pk, pv, cos, sin, out=out)
-    assert_attention_error(out, same, exact, f"memory b={b} mems={n_mem} ptr={n_ptr} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -96,8 +96,83 @@ def test_reference_ranges_mask_equals_gather():
         assert rel(got[i], want) < 1e-12
 
 
-def test_splits_fill_whole_waves():
-    assert va.choose_splits(32, 449, torch.device("cpu")) == 1  # off the GPU: no split
+# Split-KV per card: (name, SMs, capability); the tile of that capability sets the query
+# blocks. Tiny's full bank at 1024 px: 4096 queries, 7 x 4096 + 64 keys.
+CARDS = [("H200", 132, (9, 0)), ("H100", 132, (9, 0)), ("A100", 108, (8, 0)), ("L4", 58, (8, 9))]
+FULL_BANK = 7 * 4096 + 64
+# What choose_splits gives (arithmetic in its docstring); programs = objects x q blocks x splits.
+EXPECTED_SPLITS = {("H200", 1): 8, ("H200", 8): 2, ("H100", 1): 8, ("H100", 8): 2,
+                   ("A100", 1): 6, ("A100", 8): 5, ("L4", 1): 7, ("L4", 8): 1}
+# The last wave of the chosen grid is at least this full (measured choices: 0.89-0.99).
+MIN_WAVE_FILL = 0.85
+
+
+def _split_case(sms, cap, objects, nk=FULL_BANK):
+    cfg = va.pick_config(256, 64, cap)
+    programs = objects * -(-4096 // cfg.block_m)
+    n_kb = -(-nk // cfg.block_n)
+    return programs, n_kb, va.choose_splits(programs, n_kb, sms)
+
+
+def _wave_fill(programs, splits, sms):
+    slots = sms * va.PROGRAMS_PER_SM
+    total = programs * splits
+    return total / (-(-total // slots) * slots)
+
+
+@pytest.mark.parametrize("objects", [1, 8])
+@pytest.mark.parametrize("name,sms,cap", CARDS)
+def test_splits_fill_whole_waves(name, sms, cap, objects):
+    programs, n_kb, splits = _split_case(sms, cap, objects)
+    assert splits == EXPECTED_SPLITS[(name, objects)]
+    assert _wave_fill(programs, splits, sms) >= MIN_WAVE_FILL, (programs, splits, sms)
+    assert 1 <= splits <= va.MAX_SPLITS and -(-n_kb // splits) >= va.MIN_BLOCKS_PER_SPLIT
+    # no split count is modelled faster by more than the margin that buys a split
+    best = min(va.split_cost(programs, n_kb, sms, s) for s in range(1, va.MAX_SPLITS + 1))
+    assert va.split_cost(programs, n_kb, sms, splits) <= best * (1 + va.SPLIT_MARGIN)
+
+
+def test_splits_off_the_gpu_and_short_ranges():
+    assert va.choose_splits(32, 449, 0) == 1  # off the GPU (sms 0): no split
+    assert va.choose_splits(32, 7, 132) == 1  # fewer than MIN_BLOCKS_PER_SPLIT key blocks
+    # the first frames (1 memory + 4 pointer tokens): 65 blocks, 4 splits = 0.97 wave
+    assert _split_case(132, (9, 0), 1, nk=4096 + 4)[2] == 4
+
+
+def test_mutation_splits_without_whole_waves_is_caught(monkeypatch):
+    """Plant the old rule in the product (fill one wave, round down): H200's full bank gets 4
+    splits (the measured slower choice) and A100's 8 objects 1 split (256 programs = 2.4
+    waves, the third 37 % full): the whole-wave checks fail."""
+    def one_wave(programs, n_key_blocks, sms, programs_per_sm=1):
+        if sms <= 0 or programs >= sms:
+            return 1
+        return max(1, min(sms // programs, n_key_blocks // 8))
+    monkeypatch.setattr(va, "choose_splits", one_wave)
+    with pytest.raises(AssertionError):
+        test_splits_fill_whole_waves("H200", 132, (9, 0), 1)
+    programs, _, splits = _split_case(108, (8, 0), 8)
+    assert _wave_fill(programs, splits, 108) < MIN_WAVE_FILL
+
+
+def test_launcher_takes_the_cards_sms(monkeypatch):
+    """The launcher's grid is (q blocks, B, splits) with the splits of the card it runs on."""
+    from sam2_fast.kernels._common import Card
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.append(tuple(grid))
+
+    monkeypatch.setattr(va, "_vspace_attn_kernel", Recorder())
+    monkeypatch.setattr(va, "_vspace_merge_kernel", Recorder())
+    for (name, sms, cap), want in (((CARDS[0]), 8), ((CARDS[2]), 6)):
+        grids.clear()
+        monkeypatch.setattr(va, "card", lambda device, c=Card(cap, sms): c)
+        q = torch.empty(1, 4096, 256, device="meta", dtype=torch.bfloat16)
+        k = torch.empty(1, FULL_BANK, 256, device="meta", dtype=torch.bfloat16)
+        v = torch.empty(1, FULL_BANK, 64, device="meta", dtype=torch.bfloat16)
+        va.vspace_attention_triton(q, k, v)
+        assert grids[0] == (32, 1, want) and len(grids) == 2, (name, grids)  # attention + merge
 
 
 @pytest.mark.cuda

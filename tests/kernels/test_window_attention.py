@@ -127,3 +127,24 @@ def test_kernel_mutation_padding_from_zeros_fails():
     want = wa.window_attention_reference(qkv, bias, 1, 4, False)
     assert rel(wa.window_attention_triton(qkv, bias, 1, 4, False), want) < 1e-5
     assert rel(wa.window_attention_triton(qkv, None, 1, 4, False), want) > 1e-2
+
+
+@pytest.mark.interp
+@needs_interp
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if c[4] in (72, 96)])
+def test_kernel_sm80_tiles_match_reference(monkeypatch, case):
+    """The tile the launcher picks on sm_8x cards (32-key blocks for head dims 72/96, chosen
+    there to stay spill-free) computes the same attention: fp16 under the interpreter."""
+    from sam2_fast.kernels._common import Card
+    b, h, w, heads, hd, window, pool = case
+    monkeypatch.setattr(wa, "card", lambda device: Card((8, 0), 108))
+    assert wa.pick_config(16, hd, torch.float16, (8, 0)).block_n == 32
+    assert wa.pick_config(16, hd, torch.float16, (9, 0)).block_n == 64
+    torch.manual_seed(hash(case) % 1000 + 1)
+    c = heads * hd
+    qkv = torch.randn(b, h, w, 3 * c).half()
+    bias = torch.randn(3 * c).half()
+    exact = wa.window_attention_reference(qkv.double(), bias.double(), heads, window, pool)
+    torch_same = wa.window_attention_reference(qkv, bias, heads, window, pool)
+    got = wa.window_attention_triton(qkv, bias, heads, window, pool, out=poisoned(exact.shape, torch.float16))
+    assert_attention_error(got, torch_same, exact, f"window_attention sm80 tile {case}")
