@@ -53,9 +53,11 @@ COPIES = {"clone", "contiguous", "copy_", "copy"}
 FACTORY = {"zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "fill_", "zero_",
            "scalar_tensor", "linspace", "lift_fresh", "new_zeros", "new_ones", "new_full"}
 NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
-             "detach_", "_local_scalar_dense", "item", "is_nonzero", "sym_size", "sym_stride", "sym_numel", "dim"}
+             "detach_", "_local_scalar_dense", "item", "is_nonzero", "sym_size", "sym_stride", "sym_numel", "dim",
+             "promote_types", "result_type", "can_cast"}
+HOST_ONLY = {"promote_types", "result_type", "can_cast", "sym_size", "sym_stride", "sym_numel", "dim"}
 SYNC_OPS = {"item", "_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
-            "unique_consecutive", "equal", "allclose", "repeat_interleave"}
+            "unique_consecutive", "equal", "allclose"}
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 
 
@@ -67,6 +69,10 @@ def category(func, args, out=None) -> str:
     name = _name(func)
     if name in ("to", "contiguous", "type_as") and args and out is args[0]:
         return "view"  # a no-op conversion returns its input: no kernel
+    if name == "repeat_interleave":  # syncs only when the repeats are a tensor and no output_size
+        tensor_repeats = func._overloadname in ("Tensor", "self_Tensor") and isinstance(args[-1] if
+                                                                                     len(args) > 1 else args[0], torch.Tensor)
+        return "sync" if tensor_repeats else "cat/pad"
     if name in SYNC_OPS:
         return "sync"
     if name in ("index", "index_put", "index_put_") and any(
@@ -76,9 +82,9 @@ def category(func, args, out=None) -> str:
         return "cast"
     if name in COPIES:
         return "copy"
-    if getattr(func, "is_view", False) or name in ("detach", "detach_", "alias", "_unsafe_view"):
-        return "view"
-    if name in FACTORY or name.startswith("empty"):
+    if getattr(func, "is_view", False) or name in ("detach", "detach_", "alias", "_unsafe_view") or name in HOST_ONLY:
+        return "view"  # views and dtype queries: host work only
+    if name in FACTORY or "empty" in name:
         return "factory"
     if name in ("cat", "stack", "constant_pad_nd", "pad", "repeat", "expand_copy", "roll", "flip"):
         return "cat/pad"
@@ -222,7 +228,8 @@ def _autocast_kernel(op, policy: str, guard) -> Callable:
             to = torch.get_autocast_dtype("cpu")
         elif policy == "promote" and len({t.dtype for t in tensors}) > 1:
             to = torch.float32
-        elif policy == "opt_dtype" and "dtype" in op._schema.arguments.__repr__() and kwargs.get("dtype") is None \
+        elif policy == "opt_dtype" and any(a.name == "dtype" for a in op._schema.arguments) \
+                and kwargs.get("dtype") is None \
                 and any(t.dtype in _LOW for t in tensors):
             kwargs = dict(kwargs, dtype=torch.float32)
         if to is not None:
@@ -265,20 +272,29 @@ def run(impl: str, model, dtype: str, device: torch.device, clip, profile: bool)
         state = impls.init_state(which, model, clip.frames, device)
         impls.add_clicks(model, state, clip.clicks)
         list(model.propagate_in_video(state))  # warm-up pass (lazy caches, first-call paths)
+        frames = len(clip.frames)
+        prof = None
         with instrument(model), listening(census):
             gen = model.propagate_in_video(state)
             census.frames.clear()
             census.new_frame()
             with census, HostReads(census):
-                for _ in gen:
+                for i in range(frames):
+                    if profile and i == frames - 1:  # CUDA: the last frame also under the profiler
+                        with _profiler(device) as prof:
+                            next(gen)
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
+                    else:
+                        next(gen)
                     census._mark()
                     census.new_frame()
-        census.frames.pop()  # the empty one after the last yield
-        counts, sites, wall, in_ops = census.frames[-1]
+                assert next(gen, None) is None, "the clip yielded more frames than it has"
+        counts, sites, wall, in_ops = census.frames[-2]  # the last one is empty (opened after the end)
         glue = {s: round(1e3 * (wall[s] - in_ops[s]), 2) for s in wall}  # ms outside aten ops
         out = {"counts": {s: dict(c) for s, c in counts.items()}, "sites": dict(sites), "glue_ms": glue}
-        if profile:
-            out["launches"] = _profile_last_frame(model, state)
+        if prof is not None:
+            out["launches"] = _runtime_calls(prof)
     if impl == "ours" and dtype == "bf16":
         from sam2_fast.runtime import disable_fast_runtime
         disable_fast_runtime(model)
@@ -289,31 +305,23 @@ LAUNCH = ("LaunchKernel", "cuLaunch", "cudaGraphLaunch")
 RUNTIME_KINDS = {"launch": LAUNCH, "memcpy": ("Memcpy",), "memset": ("Memset",), "sync": ("Synchronize",)}
 
 
-def _profile_last_frame(model, state) -> Dict[str, Dict[str, int]]:
-    """CUDA runtime calls (launches, memcpy, memset, synchronize) per stage of the last frame."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+@contextlib.contextmanager
+def _profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-    gen = model.propagate_in_video(state)
-    with instrument(model), profiler_labels(), profile(activities=acts) as prof:
-        frame_ranges = []
-        while True:
-            with record_function("census::frame") as rf:
-                try:
-                    next(gen)
-                except StopIteration:
-                    break
-            frame_ranges.append(rf)
-        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler_labels(), profile(activities=acts) as prof:
+        yield prof
+
+
+def _runtime_calls(prof) -> Dict[str, Dict[str, int]]:
+    """CUDA runtime calls (launches, memcpy, memset, synchronize) per stage of the profiled frame."""
     evs = prof.events()
-    frames = [e for e in evs if e.name == "census::frame"]
-    last = frames[-2] if len(frames) > 1 else frames[-1]  # the final one is the StopIteration
-    lo, hi = last.time_range.start, last.time_range.end
-    stages = [e for e in evs if e.name.startswith("stage::") and lo <= e.time_range.start <= hi]
+    stages = [e for e in evs if e.name.startswith("stage::")]
     out: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for e in evs:
         t = e.time_range.start
-        if not (lo <= t <= hi) or e.device_type != torch.autograd.DeviceType.CPU:
+        if e.device_type != torch.autograd.DeviceType.CPU:
             continue
         kind = next((k for k, keys in RUNTIME_KINDS.items() if any(s in e.name for s in keys)), None)
         if kind is None or not e.name.startswith("cu"):
@@ -325,7 +333,7 @@ def _profile_last_frame(model, state) -> Dict[str, Dict[str, int]]:
 
 
 # ---------------------------------------------------------------- report
-CATS = ("compute", "cast", "copy", "cat/pad", "factory", "sync", "host-read", "view")
+CATS = ("compute", "cast", "copy", "cat/pad", "factory", "sync", "host-read", "view")  # view: no kernel
 ORDER = ("image_encoder", "memory_attention", "sam_heads", "memory_encoder", "upsampling", OTHER)
 
 
@@ -370,6 +378,9 @@ def report(res: Dict[str, Dict], dtype: str, top: int) -> str:
         diff.sort(key=lambda x: (-abs(x[0]), x[1]))
         lines.append(f"\n{st}: ops we run more (+) / fewer (-) than the reference (views left out): "
                      + ", ".join(f"{k.split('|')[1]} {d:+d} ({o[k]} vs {r[k]})" for d, k in diff[:top]))
+    syncs = [sum(res[i]["sites"].values()) for i in ("ours", "reference")]
+    lines.append(f"\nhost syncs per frame on CUDA (host reads, sync-prone ops, torch.tensor(data, device)): "
+                 f"ours {syncs[0]} / reference {syncs[1]}")
     for impl in ("ours", "reference"):
         sites = res[impl]["sites"]
         if sites:
@@ -388,6 +399,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtype", default="bf16,fp32")
     p.add_argument("--cpu-autocast", action="store_true", help="CPU: keep CPU autocast's own op set")
     p.add_argument("--top", type=int, default=14)
+    p.add_argument("--profile", default=None, action=argparse.BooleanOptionalAction,
+                   help="count CUDA runtime calls of the last frame with torch.profiler (default: on CUDA)")
     p.add_argument("--json", default=None, help="write every count here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -403,7 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         emulate = dtype == "bf16" and device.type == "cpu" and not a.cpu_autocast
         policy: List[str] = []
         with (cuda_autocast_policy(policy) if emulate else contextlib.nullcontext()):
-            res = {impl: run(impl, m, dtype, device, clip, profile=device.type == "cuda")
+            res = {impl: run(impl, m, dtype, device, clip,
+                          profile=a.profile if a.profile is not None else device.type == "cuda")
                    for impl, m in (("ours", ours), ("reference", ref))}
         result[dtype] = res
         print(report(res, dtype + (" (CUDA autocast policy emulated on CPU)" if emulate else ""), a.top), flush=True)
