@@ -103,6 +103,10 @@ quick)
     BUDGET=$(( LIMIT - $(elapsed) - 25 ))
     [ "$BUDGET" -gt 30 ] && bench quick --model tiny --objects 1,8 --frames 24 "${SIZE[@]}" \
         --ladder bf16,bf16-kernels --reference ref-eager-fp32,ref-bf16
+    # 3b. op census of the eager bf16 frame (kernel launches / syncs per stage, ours vs the
+    #     reference; hard stop 30 s, before the profiles, which take whatever time is left)
+    left=$(( LIMIT - $(elapsed) - 10 )); [ "$left" -ge 90 ] && timeout -k 5 30 "$PY" benchmarks/op_census.py \
+        --dtype bf16 "${CENSUS[@]}" --json "$WORK/op_census_bf16.json" 2>&1 | tee "$WORK/op_census.txt"
     # 4. where the eager frame goes (top kernels/ops per stage), ours then the reference: the
     #    first H200 run found our eager bf16 slower than the reference's (32 vs 20 ms/frame)
     for impl in ours reference; do
@@ -112,9 +116,6 @@ quick)
             --out "$WORK/profiles" 2>&1 | tail -80 | tee -a "$WORK/profile.txt"
     done
     rm -rf "$WORK/profiles/_traces"
-    # 5. op census of the eager bf16 frame (launches per stage, ours vs the reference; ~20 s)
-    left=$(( LIMIT - $(elapsed) - 10 )); [ "$left" -ge 35 ] && timeout -k 5 30 "$PY" benchmarks/op_census.py \
-        --dtype bf16 "${CENSUS[@]}" --json "$WORK/op_census_bf16.json" 2>&1 | tee "$WORK/op_census.txt"
     ;;
 correctness)
     timeout -k 10 $(( LIMIT - $(elapsed) )) "$PY" -m pytest tests -m cuda -q -rA -p no:cacheprovider \
