@@ -34,8 +34,9 @@ WHEELS="${GPU_CHECK_WHEELS:-.wheels}"
 # script's plumbing can be checked on a CPU machine (with PYTHON pointing at a scratch venv).
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     SIZE=(--image-size 128 --frames 3 --resolution 96x128); PSIZE=(--image-size 128 --frames 3 --resolution 96x128)
-    LADDER=auto; PROFILES=("tiny ours" "tiny reference")
+    LADDER=auto; PROFILES=("tiny ours" "tiny reference"); CENSUS=(--image-size 128 --frames 9)
 else
+    CENSUS=(--image-size 1024 --frames 9)
     SIZE=(--resolution 480p); PSIZE=(--resolution 480p --frames 24 --profile-frames 6)
     LADDER=all; PROFILES=("tiny ours" "tiny reference" "large ours" "tiny ours compiled")
 fi
@@ -102,6 +103,10 @@ quick)
     BUDGET=$(( LIMIT - $(elapsed) - 25 ))
     [ "$BUDGET" -gt 30 ] && bench quick --model tiny --objects 1,8 --frames 24 "${SIZE[@]}" \
         --ladder bf16,bf16-kernels --reference ref-eager-fp32,ref-bf16
+    # 3b. op census of the eager bf16 frame (kernel launches / syncs per stage, ours vs the
+    #     reference; hard stop 30 s, before the profiles, which take whatever time is left)
+    left=$(( LIMIT - $(elapsed) - 10 )); [ "$left" -ge 90 ] && timeout -k 5 30 "$PY" benchmarks/op_census.py \
+        --dtype bf16 "${CENSUS[@]}" --json "$WORK/op_census_bf16.json" 2>&1 | tee "$WORK/op_census.txt"
     # 4. where the eager frame goes (top kernels/ops per stage), ours then the reference: the
     #    first H200 run found our eager bf16 slower than the reference's (32 vs 20 ms/frame)
     for impl in ours reference; do
@@ -134,6 +139,9 @@ bench-refvos)
         --reference ref-eager-fp32,ref-bf16,ref-vos
     ;;
 profile)
+    # op census first (both precisions; launches, memcpy and syncs per stage from the profiler)
+    timeout -k 5 90 "$PY" benchmarks/op_census.py --dtype bf16,fp32 "${CENSUS[@]}" \
+        --json "$WORK/op_census.json" 2>&1 | tee "$WORK/op_census.txt"
     left=${#PROFILES[@]}
     for spec in "${PROFILES[@]}"; do
         # Each run gets an equal share of what is left; quick runs leave more to later ones.

@@ -140,3 +140,29 @@ def test_ragged_window_block_matches_reference(monkeypatch, dim, dim_out, heads,
         monkeypatch.setattr(hiera_mod, "split_windows", lambda m, win, fill=None: real_split(m, win))
         err = rel_err(ours(x), want)
     assert err > 100 * RAGGED_TOL, f"zero-padded projections went unnoticed: {err:.2e}"
+
+
+@pytest.mark.parametrize("q_stride", [None, (2, 2)])
+def test_ragged_block_cuda_choice_pads_like_the_reference(monkeypatch, q_stride):
+    """CUDA zero-pads the map and projects every token (2 launches, as the reference) instead
+    of filling the projection with the bias (4 launches): same numbers, bitwise, on CPU."""
+    from sam2.modeling.backbones.hieradet import MultiScaleBlock as RefBlock
+
+    dim_out = 32 if q_stride is None else 64
+    ref = RefBlock(32, dim_out, 2, q_stride=q_stride, window_size=7).eval()
+    sensitize_(ref, 5)
+    ours = hiera_mod.MultiScaleBlock(32, dim_out, 2, 7, q_stride=q_stride).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 12, 12, 32, generator=torch.Generator().manual_seed(6))
+    assert hiera_mod._project_real_tokens_only("cpu") and not hiera_mod._project_real_tokens_only("cuda")
+    calls = []
+    real_split = hiera_mod.split_windows
+    monkeypatch.setattr(hiera_mod, "split_windows", lambda m, win, fill=None: calls.append(fill) or real_split(m, win, fill))
+    with torch.no_grad():
+        filled = ours(x)
+        monkeypatch.setattr(hiera_mod, "_project_real_tokens_only", lambda device_type: False)
+        padded = ours(x)
+        want = ref(x)
+    assert calls[0] is not None and calls[-1] is None  # each path really ran
+    assert torch.equal(padded, filled)
+    assert rel_err(padded, want) <= RAGGED_TOL

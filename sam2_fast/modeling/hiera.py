@@ -120,6 +120,20 @@ def max_pool_hw(x: torch.Tensor, stride: Tuple[int, int]) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(n, ho, wo, *rest)  # (N, ho, wo, *rest)
 
 
+def _project_real_tokens_only(device_type: str) -> bool:
+    """Ragged windowed blocks: project the real tokens and fill the padding with the qkv bias
+    (True), or zero-pad the map and project every token, as the reference does (False).
+
+    The one device choice of this file. CPU: the fill saves the padded tokens' GEMM work,
+    -35 ms per frame at 512 px (commit 8bbfdfc). CUDA: the GEMM work is microseconds, but
+    the fill costs 3 copy kernels (bottom strip, right strip, interior) against one pad,
+    and an eager GPU frame is launch bound: 5 ragged blocks of tiny at 1024 px (and at
+    128/256 px) are 10 launches more than the reference (``benchmarks/op_census.py``).
+    Both are bitwise equal (tests/test_image_encoder.py).
+    """
+    return device_type != "cuda"
+
+
 # ----------------------------------------------------------------------------- blocks
 # The fused kernel pools queries 2x2 only (Hiera's q_stride in every official config).
 _KERNEL_Q_STRIDE = (2, 2)
@@ -164,7 +178,8 @@ class MultiScaleAttention(nn.Module):
             # declined (reason counted by the dispatcher): the PyTorch path below
         b, h, w, _ = x.shape
         heads, d = self.num_heads, self.dim_out // self.num_heads
-        if self.window > 0 and (h % self.window or w % self.window) and self.qkv.bias is not None:
+        if (self.window > 0 and (h % self.window or w % self.window) and self.qkv.bias is not None
+                and _project_real_tokens_only(x.device.type)):
             # Ragged map: a zero-padded token projects to exactly the qkv bias, so project
             # the real tokens only and pad the projection with the bias (as the window
             # kernel does). At 512 px stage 3 is 32x32 in 14-windows (42x42 padded): 42% of

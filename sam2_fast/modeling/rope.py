@@ -55,6 +55,33 @@ def axial_rope_table(head_dim: int, width: int, height: int, theta: float = 1000
     return unit.real.contiguous(), unit.imag.contiguous()
 
 
+# (cos, sin) -> their complex table, for the tables RoPEAttention keeps: building it is one
+# kernel per attention call (8 per tracked frame); ids are safe keys because each entry
+# holds its tables alive, and an entry is only used for the very same two objects.
+_CIS: Dict[int, Tuple[Tensor, Tensor, Tuple[Optional[int], Optional[int]], Tensor]] = {}
+_CIS_MAX = 32  # entries (2 per RoPE module and grid); cleared when exceeded
+
+
+def _table_version(t: Tensor) -> Optional[int]:
+    return None if t.is_inference() else t._version  # inference tensors have no version counter
+
+
+def cis_table(cos: Tensor, sin: Tensor) -> Tensor:
+    """``torch.complex(cos, sin)``, kept for table objects seen before (eager inference)."""
+    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+            or (cos.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return torch.complex(cos, sin)
+    hit = _CIS.get(id(cos))
+    version = (_table_version(cos), _table_version(sin))
+    if hit is not None and hit[0] is cos and hit[1] is sin and hit[2] == version:
+        return hit[3]
+    if len(_CIS) >= _CIS_MAX:
+        _CIS.clear()
+    cis = torch.complex(cos, sin)
+    _CIS[id(cos)] = (cos, sin, version, cis)
+    return cis
+
+
 def rotate_cis(x: Tensor, cis: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Rotate channel pairs (x[..., 2i], x[..., 2i+1]) of x (..., N, D) by the unit complex
     table ``cis`` (N, D/2) complex64, broadcast over x's leading dims.
@@ -97,7 +124,7 @@ def apply_axial_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_k: b
     if cos.shape[0] != nq:
         raise ValueError(f"RoPE table has {cos.shape[0]} positions but there are {nq} queries")
     n_rot = nk - num_k_exclude
-    cis = torch.complex(cos, sin)  # (Nq, D/2) complex64; ~0.04 ms at Nq = 1024, not worth a cache
+    cis = cis_table(cos, sin)  # (Nq, D/2) complex64
     q_out = rotate_cis(q, cis)
     if n_rot == 0:
         return q_out, k
@@ -234,5 +261,5 @@ class RoPEAttention(Attention):
         out = value_space.attend_value_space(qh.reshape(b * heads, nq, -1), kh.reshape(b * heads, nk, -1),
                                              vals, key_mask, ranges)  # (B*heads, Nq, kv_in)
         out = out.view(b, heads, nq, kv_in).transpose(1, 2).reshape(b, nq, heads * kv_in)
-        weight, bias = value_space.fused_value_output(self.v_proj, self.out_proj, heads)
+        weight, bias = value_space.autocast_fused_value_output(self.v_proj, self.out_proj, heads, self)
         return F.linear(out, weight, bias)  # (B, Nq, C)

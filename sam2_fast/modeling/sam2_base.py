@@ -162,9 +162,30 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         # the official model divides by zero (NaN pointers) when only one pointer fits; we
         # keep the divisor at least 1, which changes nothing in any other case
         span = max(max_abs_pos - 1, 1) if max_abs_pos is not None else 1
-        pos = torch.tensor(list(rel_pos_list), device=device) / span  # (N,) float32
         width = self.hidden_dim if self.proj_tpos_enc_in_obj_ptrs else self.mem_dim
-        return self.obj_ptr_tpos_proj(sine_pe_1d(pos, width))
+        return self.obj_ptr_tpos_proj(self._tpos_sines(tuple(rel_pos_list), span, width, device))
+
+    def _tpos_sines(self, offsets: Tuple[int, ...], span: int, width: int, device: torch.device) -> Tensor:
+        """sine_pe_1d(offsets / span): (N, width) float32, no weights involved.
+
+        Kept per (offsets, span, width, device) in eager inference: building it is a host->
+        device copy of the offsets (``torch.tensor(..., device=cuda)``: a stream sync) plus
+        ~8 small kernels per tracked frame, and once the bank is full the offsets repeat."""
+        def build() -> Tensor:
+            return sine_pe_1d(torch.tensor(list(offsets), device=device) / span, width)
+
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled()
+                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            return build()
+        cache = self.__dict__.setdefault("_tpos_cache", {})
+        key = (offsets, span, width, str(device))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= 64:  # offsets differ per direction and near the clip ends only
+                cache.clear()
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable anywhere
+                hit = cache[key] = build()
+        return hit
 
     def _gather_memory(self, frame_idx: int, like: Tensor, output_dict: Mapping[str, Mapping[int, dict]],
                        num_frames: Optional[int], track_in_reverse: bool) -> Tuple[Tensor, Tensor, int]:

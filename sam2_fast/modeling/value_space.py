@@ -20,7 +20,12 @@ untouched): a (256x256)·(256x64) product, 0.06 ms on this CPU, < 0.1% of a 512 
 Recomputing rather than caching means they can never go stale (``load_state_dict``,
 ``.to()``, in-place edits through ``.data`` that bump no version counter), gradients reach
 ``W_v``/``W_o`` when training, and a captured CUDA graph re-derives them from the live
-parameters on every replay.
+parameters on every replay. The one exception is eager inference under autocast
+(:func:`autocast_fused_value_output`, the runtime's bf16 path): there the derivation is 4
+small kernels plus 2 casts per layer (24 of a tiny frame's ~1000 launches; an eager GPU
+frame is launch bound), so the low-precision product is kept, keyed on the four
+parameters' version counters and storage, like ``runtime/weight_cache.py`` keeps the bf16
+weights (an edit through ``.data`` is not seen there).
 """
 
 from __future__ import annotations
@@ -69,6 +74,31 @@ def fused_value_output(v_proj: nn.Linear, out_proj: nn.Linear, num_heads: int) -
         if out_proj.bias is not None:
             bias = out_proj.bias.to(work) if bias is None else bias + out_proj.bias.to(work)
     return wf.to(w_o.dtype), (None if bias is None else bias.to(w_o.dtype))
+
+
+def autocast_fused_value_output(v_proj: nn.Linear, out_proj: nn.Linear, num_heads: int,
+                                holder: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`fused_value_output`, and under autocast its cast to the autocast dtype, which
+    is exactly what ``F.linear`` would cast it to; kept on ``holder`` in eager inference
+    under autocast (see the module docstring), recomputed everywhere else."""
+    dev = out_proj.weight.device.type
+    params = (v_proj.weight, v_proj.bias, out_proj.weight, out_proj.bias)
+    if (not torch.is_autocast_enabled(dev) or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params))
+            or any(p is not None and p.is_inference() for p in params)
+            or (dev == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return fused_value_output(v_proj, out_proj, num_heads)
+    lowp = torch.get_autocast_dtype(dev)
+    key = (lowp, num_heads) + tuple(None if p is None else (p._version, p.data_ptr(), p.dtype, p.device)
+                                    for p in params)
+    hit = holder.__dict__.get("_fused_value_output")
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable anywhere
+            w, b = fused_value_output(v_proj, out_proj, num_heads)
+            cast = (lambda t: t.to(lowp) if t is not None and t.dtype == torch.float32 else t)
+            hit = (key, cast(w), cast(b))
+        holder.__dict__["_fused_value_output"] = hit
+    return hit[1], hit[2]
 
 
 def attend_value_space(q_rot: Tensor, k_rot: Tensor, v_small: Tensor,

@@ -114,6 +114,7 @@ def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compi
                                            to_fp32=(name == "track_step"))
                 undo.append(_patch(predictor, name, wrapped))
             info["autocast"] = str(s.dtype).replace("torch.", "")
+        _install_weight_cache(predictor, s, undo, info, skipped)
     except BaseException:
         for fn in reversed(undo):
             fn()
@@ -121,6 +122,22 @@ def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compi
     predictor.__dict__[_UNDO_ATTR] = undo
     predictor.runtime_info = info
     return predictor
+
+
+def _install_weight_cache(predictor, s: RuntimeSettings, undo, info, skipped) -> None:
+    """Eager autocast: cached bf16 weights instead of two cast kernels per Linear/Conv call
+    (``weight_cache.py``; ~300 of ~1000 launches of a tiny frame)."""
+    info["weight_cache"] = 0
+    if not s.autocast:
+        return
+    if s.compile or s.cuda_graphs:
+        skipped["weight_cache"] = "compiled or graphed steps: inductor fuses the casts / a replay launches none"
+        return
+    from sam2_fast.runtime.weight_cache import install
+
+    count, remove = install(predictor)
+    undo.append(remove)
+    info["weight_cache"] = count
 
 
 def _apply_globals(s: RuntimeSettings, undo: List[Callable[[], None]], info: Dict[str, Any]) -> None:
