@@ -163,9 +163,9 @@ def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
     (True = attend; the static bank's padded keys). Returns (B, h, Nq, Dv).
     Where the memory-attention kernels are enabled (CUDA), the unmasked inference call goes
     to the dispatcher's selection layer (the value-space Triton kernel at d_v = D, or an SDPA
-    backend, whichever measured fastest on this card): the memory self-attention. The old
-    kernel that rotated inside (``kernels/memory_attention.py``) ran at 20-25 TFLOP/s on an
-    H200, 20-35x slower than the value-space kernel, and is no longer wired.
+    backend, whichever measured fastest on this card): the memory self-attention. (A kernel
+    that rotated inside ran at 20-25 TFLOP/s on an H200, 20-35x slower than the value-space
+    kernel, and was removed.)
     """
     q, k = apply_axial_rope(q, k, cos, sin, repeat_k=repeat_k, num_k_exclude=num_k_exclude)
     if (key_mask is None and dropout_p == 0.0 and not (torch.is_grad_enabled() and q.requires_grad)
