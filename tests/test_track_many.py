@@ -69,12 +69,19 @@ def reference(ckpt, data, tmp_path_factory):
     """What single-video ``sam2-fast track`` writes for each line."""
     folder, _, _ = data
     out = tmp_path_factory.mktemp("ref")
+    import torch
+
     from sam2_fast.cli import main
 
+    # one thread, as every worker below (--threads 1): fp32 sums in another order move a few
+    # border pixels (2 of 3072 on one frame at 1 vs 2 threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for i in range(len(LENGTHS)):
         code = main(["track", str(folder / f"v{i}.mp4"), *_model(ckpt), *_track_args(i), "--save", "png,rle",
                      "--out", str(out / f"v{i}"), "--no-progress"])
         assert code == 0
+    torch.set_num_threads(threads)
     return out
 
 
@@ -109,8 +116,8 @@ def _mtimes(out):
 
 
 # ---------------------------------------------------------------------------- local pool
-def test_local_pool_equals_track_survives_a_kill_and_fails_bad_lines_alone(ckpt, data, reference, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resumes(ckpt, data, reference, tmp_path,
+                                                                                   capsys, monkeypatch):
     folder, manifest, lines = data
     bad = tmp_path / "mixed.jsonl"
     extra = ['{"video": "v0.mp4", "prompts": [ {"frame": 0, "obj": 1, "points": [[1, 2]]\n',  # malformed JSON
@@ -121,7 +128,7 @@ def test_local_pool_equals_track_survives_a_kill_and_fails_bad_lines_alone(ckpt,
     bad.write_text("".join(mixed[:3] + extra + mixed[3:]))
     out = tmp_path / "out"
     monkeypatch.setenv(W.FAULT_ENV, f"v4={tmp_path / 'fault.flag'}")
-    res = run_cli(capsys, "track-many", bad, *_model(ckpt), "--workers", 2, "--save", "png,rle", "--out", out)
+    res = run_cli(capsys, "track-many", bad, *_model(ckpt), "--workers", 2, "--threads", 1, "--save", "png,rle", "--out", out)
     assert res.code == 1, res.err  # some lines failed
     assert (tmp_path / "fault.flag").exists() and "died (exit code 70) while tracking v4" in res.out
     recs = {r["line"]: r for r in _status(out)}
@@ -147,32 +154,27 @@ def test_local_pool_equals_track_survives_a_kill_and_fails_bad_lines_alone(ckpt,
     before = _mtimes(out)
     good = tmp_path / "good.jsonl"
     good.write_text("".join(mixed))
-    res = run_cli(capsys, "track-many", good, *_model(ckpt), "--workers", 2, "--save", "png,rle", "--out", out)
+    res = run_cli(capsys, "track-many", good, *_model(ckpt), "--workers", 2, "--threads", 1, "--save", "png,rle", "--out", out)
     assert res.code == 0, res.err
     assert "6 videos: 0 to track, 6 already done" in res.out and "local workers" not in res.out
     assert _mtimes(out) == before and _summary(out)["tracked"] == 0
     assert all(r["skipped"] and r["status"] == "done" for r in _status(out))
 
-
-def test_partial_and_changed_videos_are_redone(ckpt, data, reference, tmp_path, capsys):
-    """Resumable: a folder with a frame missing, or made with other options, is redone; the
-    finished ones are not."""
-    folder, manifest, lines = data
-    sub = tmp_path / "two.jsonl"
-    sub.write_text("".join(json.dumps({**l, "video": str(folder / l["video"])}) + "\n" for l in lines[:2]))
-    out = tmp_path / "out"
-    assert run_cli(capsys, "track-many", sub, *_model(ckpt), "--save", "png,rle", "--out", out).code == 0
-    os.remove(out / "v1" / "masks" / "00002.png")  # a frame lost: v1 is partial
-    before = _mtimes(out)
-    res = run_cli(capsys, "track-many", sub, *_model(ckpt), "--save", "png,rle", "--out", out)
-    assert res.code == 0 and "1 to track, 1 already done" in res.out, res.out
+    # a frame lost: that video is partial and redone (alone), the others are left as they are
+    os.remove(out / "v1" / "masks" / "00002.png")
+    res = run_cli(capsys, "track-many", good, *_model(ckpt), "--threads", 1, "--save", "png,rle", "--out", out)
+    assert res.code == 0 and "6 videos: 1 to track, 5 already done" in res.out, res.out
     after = _mtimes(out)
-    assert all(after[f] == t for f, t in before.items() if f.startswith("v0"))
-    assert_same_as_track(out, reference, ["v0", "v1"])
-    # another output set is another options hash: both redone, with only what was asked
-    res = run_cli(capsys, "track-many", sub, *_model(ckpt), "--save", "png", "--out", out)
-    assert res.code == 0 and "2 to track, 0 already done" in res.out, res.out
-    assert not (out / "v0" / "rle").exists() and len(os.listdir(out / "v0" / "masks")) == 3
+    assert all(after[f] == t for f, t in before.items() if not f.startswith("v1"))
+    assert_same_as_track(out, reference, ["v1"])
+
+    # other outputs asked for: another options hash, so every video is to be redone
+    from sam2_fast.cli import _parser
+    from sam2_fast.commands import track_many
+
+    args = _parser().parse_args(["track-many", str(good), *_model(ckpt), "--save", "png", "--out", str(out)])
+    _, records, pending = track_many.plan(args, str(out), lambda _m: None)
+    assert records == {} and sorted(t.name for t in pending) == [f"v{i}" for i in range(6)]
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -192,7 +194,7 @@ def test_ray_equals_track_survives_a_kill_and_reruns_nothing(ray_cluster, ckpt, 
     folder, manifest, lines = data
     out = tmp_path / "out"
     monkeypatch.setenv(W.FAULT_ENV, f"v2={tmp_path / 'fault.flag'}")
-    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", "--workers", 2, "--save", "png,rle",
+    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", "--workers", 2, "--threads", 1, "--save", "png,rle",
                   "--out", out)
     assert res.code == 0, res.err + res.out
     assert "Ray cluster (2 CPUs, 0 GPUs): 2 actor(s), 1 CPU(s) each" in res.out
@@ -206,7 +208,7 @@ def test_ray_equals_track_survives_a_kill_and_reruns_nothing(ray_cluster, ckpt, 
     assert tmp_leftovers(str(out)) == []
     monkeypatch.delenv(W.FAULT_ENV)
     before = _mtimes(out)
-    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", "--workers", 2, "--save", "png,rle",
+    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", "--workers", 2, "--threads", 1, "--save", "png,rle",
                   "--out", out)
     assert res.code == 0 and "0 to track, 6 already done" in res.out and "Ray cluster" not in res.out
     assert _mtimes(out) == before
@@ -242,3 +244,128 @@ def test_bad_invocations_get_one_line(ckpt, data, tmp_path, capsys):
         res = run_cli(capsys, "track-many", *argv, *model, *out)
         assert res.code == 2, (argv, res)
         assert_clean_error(res, needle)
+
+
+# ---------------------------------------------------------------------------- scheduler (in-process backend)
+class FakeBackend:
+    """Runs each task at once in this process; ``die`` maps a video name to how many of its
+    tries kill the worker. Records every hand-out so the test can check the order."""
+
+    def __init__(self, die=None, fatal=None):
+        self.die, self.fatal = dict(die or {}), fatal
+        self.handed, self.inflight, self.n = [], {}, 0
+
+    def _new(self):
+        self.n += 1
+        return f"w{self.n - 1}"
+
+    def start(self, n):
+        return [self._new() for _ in range(n)]
+
+    def submit(self, wid, task):
+        assert wid not in self.inflight  # back-pressure: one video per worker at a time
+        self.inflight[wid] = task
+        self.handed.append((task.name, wid))
+
+    def wait(self, timeout):
+        from sam2_fast.batch.scheduler import Event
+
+        events = []
+        for wid, task in sorted(self.inflight.items())[:1]:  # one finishes per wait
+            del self.inflight[wid]
+            if self.fatal:
+                events.append(Event(wid, fatal=self.fatal))
+            elif self.die.get(task.name, 0) > 0:
+                self.die[task.name] -= 1
+                events.append(Event(wid, died="exit code 70"))
+            else:
+                events.append(Event(wid, record=W.record(task, "done", wid, task.frames, 0.1)))
+        return events
+
+    def replace(self, wid):
+        return self._new()
+
+    def stop(self):
+        pass
+
+
+def _tasks(frames):
+    from sam2_fast.batch.manifest import Task
+
+    return [Task(i + 1, f"v{i}", f"/v{i}.mp4", {}, f"/o/v{i}", frames=n) for i, n in enumerate(frames)]
+
+
+def test_scheduler_longest_first_one_per_worker_and_retries_elsewhere():
+    from sam2_fast.batch.scheduler import run_tasks
+
+    b = FakeBackend(die={"v1": 1})
+    res = run_tasks(_tasks([3, 9, 5, 1, 7]), b, workers=2, max_attempts=3, log=lambda _m: None, poll=0)
+    first = [name for name, _ in b.handed]
+    assert first[:2] == ["v1", "v4"]  # the two longest start first
+    died_on = next(w for n, w in b.handed if n == "v1")
+    retried_on = [w for n, w in b.handed if n == "v1"][1]
+    assert retried_on != died_on
+    assert {r["name"]: r["attempts"] for r in res.records.values()} == {"v0": 1, "v1": 2, "v2": 1, "v3": 1, "v4": 1}
+    assert res.deaths == 1 and all(r["status"] == "done" for r in res.records.values())
+
+
+def test_scheduler_gives_up_after_max_attempts_and_stops_on_a_model_that_cannot_load():
+    from sam2_fast.batch.scheduler import run_tasks
+    from sam2_fast.commands.models import CliError
+
+    res = run_tasks(_tasks([3, 4]), FakeBackend(die={"v1": 99}), workers=2, max_attempts=3, log=lambda _m: None,
+                    poll=0)
+    bad = res.records[2]
+    assert bad["status"] == "failed" and bad["attempts"] == 3 and "died (exit code 70) on each of 3 tries" in bad["error"]
+    assert res.records[1]["status"] == "done"
+    with pytest.raises(CliError, match="could not load the model: checkpoint is for sam2.1_hiera_large"):
+        run_tasks(_tasks([3]), FakeBackend(fatal="checkpoint is for sam2.1_hiera_large"), 1, 3, lambda _m: None, poll=0)
+
+
+@pytest.mark.parametrize("bug", ["manifest_order", "retry_on_the_same_worker"])
+def test_mutation_scheduler_bugs_are_caught(monkeypatch, bug):
+    """Product mutations: videos handed out in manifest order; a dead worker's video retried
+    on the same worker id."""
+    from sam2_fast.batch import scheduler
+
+    if bug == "manifest_order":
+        monkeypatch.setattr(scheduler, "longest_first", lambda tasks: list(tasks))
+    else:
+        real = scheduler._take
+        monkeypatch.setattr(scheduler, "_take", lambda q, wid, avoid, alone: real(q, wid, {}, alone))
+        monkeypatch.setattr(FakeBackend, "replace", lambda self, wid: wid)  # a restarted worker keeps its id
+    with pytest.raises(AssertionError):
+        test_scheduler_longest_first_one_per_worker_and_retries_elsewhere()
+
+
+def test_manifest_lines_name_the_bad_field(tmp_path):
+    from sam2_fast.batch.manifest import ManifestError, parse_line
+
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    ok = {"frame": 0, "obj": 1, "points": [[1, 2]]}
+    cases = [
+        ({"prompts": [ok]}, 'no "video" field'),
+        ({"video": "v.mp4", "prompts": []}, '"prompts" must be a non-empty list'),
+        ({"video": "v.mp4", "prompt": [ok]}, "unknown field 'prompt'"),
+        ({"video": "v.mp4", "prompts": [{**ok, "obj": 0}]}, "prompts[0].obj must be an object id in 1..255"),
+        ({"video": "v.mp4", "prompts": [{**ok, "frame": -1}]}, "prompts[0].frame must be an integer >= 0"),
+        ({"video": "v.mp4", "prompts": [{**ok, "labels": [2]}]}, "prompts[0].labels must be one 1 (foreground)"),
+        ({"video": "v.mp4", "prompts": [{**ok, "points": [[1, "a"]]}]}, "prompts[0].points[0] must be [x, y]"),
+        ({"video": "v.mp4", "prompts": [{"frame": 0, "obj": 1, "box": [5, 5, 1, 1]}]}, "need x0 <= x1"),
+        ({"video": "v.mp4", "prompts": [{"frame": 0, "obj": 1}]}, 'give "points"'),
+        ({"video": "v.mp4", "prompts": [ok], "reverse": "yes"}, '"reverse" must be true or false'),
+        ({"video": "v.mp4", "prompts": [ok], "id": "../up"}, '"id" must be a folder name'),
+        ({"video": "v.mp4", "prompts": [ok], "max_frames": -2}, '"max_frames" must be an integer >= 0'),
+        ({"video": "gone.mp4", "prompts": [ok]}, "video not found"),
+    ]
+    for line, needle in cases:
+        with pytest.raises(ManifestError) as exc:
+            parse_line(json.dumps(line), 1, str(tmp_path), str(tmp_path / "out"))
+        assert needle in str(exc.value), (line, str(exc.value))
+    t = parse_line(json.dumps({"video": "v.mp4", "prompts": [ok, {**ok, "points": [[3, 4]], "labels": [0]},
+                                                             {"frame": 0, "obj": 1, "box": [0, 0, 9, 9]}]}),
+                   1, str(tmp_path), str(tmp_path / "out"))
+    p = t.prompts[(0, 1)]  # merged as repeated track options are
+    assert (p.points, p.labels, p.box, p.sources) == ([(1, 2), (3, 4)], [1, 0], (0, 0, 9, 9),
+                                                      ["prompts[0]", "prompts[1]", "prompts[2]"])
+    assert t.name == "v" and t.out == str(tmp_path / "out" / "v") and t.video == str(tmp_path / "v.mp4")

@@ -135,9 +135,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:300]
 
 
-def cluster_plan(device: str, workers: Optional[int]) -> Dict[str, Any]:
+def cluster_plan(device: str, workers: Optional[int], threads: Optional[int] = None) -> Dict[str, Any]:
     """How many actors of what kind: one per GPU when the cluster has GPUs (and --device is
-    not cpu), else CPU actors that split the cluster's CPUs (one CPU each by default)."""
+    not cpu), else CPU actors of ``threads`` CPUs each, by default the cluster's CPUs split
+    among ``workers`` (one CPU each when ``workers`` is not given either)."""
     ray = import_ray()
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
@@ -146,6 +147,6 @@ def cluster_plan(device: str, workers: Optional[int]) -> Dict[str, Any]:
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise CliError(f"--device {device}: with --ray use auto, cpu or cuda (each actor gets its own GPU)")
     use_gpu = gpus > 0 and device != "cpu"
-    n = workers or (gpus if use_gpu else cpus)
-    return {"use_gpu": use_gpu, "workers": n, "cpus_per_actor": max(1, cpus // n) if not use_gpu else 1,
+    n = workers or (gpus if use_gpu else max(1, cpus // (threads or 1)))
+    return {"use_gpu": use_gpu, "workers": n, "cpus_per_actor": 1 if use_gpu else (threads or max(1, cpus // n)),
             "cluster": f"{cpus} CPUs, {gpus} GPUs"}

@@ -46,6 +46,10 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes / actors (default: one per GPU; else 1 local CPU process, or one per CPU "
                         "of a Ray cluster)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per worker (default: the cores split evenly among the workers; on Ray the "
+                        "num_cpus of each CPU actor). CPU masks can differ at a few border pixels between "
+                        "thread counts (fp32 sums in another order)")
     p.add_argument("--ray", action="store_true", help="run the workers as Ray actors (needs sam2-fast[ray]); joins "
                    "$RAY_ADDRESS or starts a local cluster")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to join (implies --ray)")
@@ -113,7 +117,7 @@ def _run_local(args, spec: ModelSpec, pending: List[Task], result: RunResult, lo
         pick_device(args.device)  # a clear error for a device this machine lacks
     devices = local_devices(args.device, args.workers)
     n = args.workers or (len(devices) if devices[0].startswith("cuda") else 1)
-    threads = cpu_threads(n) if devices[0] == "cpu" else None
+    threads = args.threads or (cpu_threads(n) if devices[0] == "cpu" else None)
     log(f"local workers: {n} on {', '.join(devices[:n]) if len(devices) > 1 else devices[0]}"
         + (f", {threads} thread(s) each" if threads else ""))
     run_tasks(pending, LocalPool(spec, devices, threads), n, args.max_attempts, log, result)
@@ -125,7 +129,7 @@ def _run_ray(args, spec: ModelSpec, pending: List[Task], result: RunResult, log)
     ray = ray_pool.import_ray()
     started = ray_pool.connect(args.ray_address)
     try:
-        p = ray_pool.cluster_plan(args.device, args.workers)
+        p = ray_pool.cluster_plan(args.device, args.workers, args.threads)
         log(f"Ray cluster ({p['cluster']}): {p['workers']} actor(s), "
             + ("1 GPU each" if p["use_gpu"] else f"{p['cpus_per_actor']} CPU(s) each"))
         run_tasks(pending, ray_pool.RayPool(spec, p["use_gpu"], p["cpus_per_actor"]), p["workers"],
@@ -162,6 +166,8 @@ def _write_status(out: str, records: Dict[int, Dict[str, Any]], summary: Dict[st
 def run(args: argparse.Namespace, log=print) -> int:
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1, got {args.threads}")
     if args.max_attempts < 1:
         raise CliError(f"--max-attempts must be >= 1, got {args.max_attempts}")
     use_ray = bool(args.ray or args.ray_address)
