@@ -22,6 +22,7 @@ pytest.importorskip("av")
 pytest.importorskip("pycocotools")
 
 LENGTHS = (3, 5, 4, 3, 5, 4)  # frames per video; 48x64 each
+OPTS = ["--workers", "2", "--threads", "1", "--save", "png,rle"]
 
 
 def _prompts(i: int):
@@ -122,13 +123,14 @@ def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resum
     bad = tmp_path / "mixed.jsonl"
     extra = ['{"video": "v0.mp4", "prompts": [ {"frame": 0, "obj": 1, "points": [[1, 2]]\n',  # malformed JSON
              json.dumps({"video": "nowhere.mp4", "prompts": _prompts(0)}) + "\n",
-             json.dumps({"video": str(folder / "v2.mp4"), "id": "late", "prompts": [{"frame": 7, "obj": 1, "points": [[5, 5]]}]})
+             json.dumps({"video": str(folder / "v2.mp4"), "id": "late",
+                         "prompts": [{"frame": 7, "obj": 1, "points": [[5, 5]]}]})
              + "\n"]
     mixed = [json.dumps({**l, "video": str(folder / l["video"])}) + "\n" for l in lines]
     bad.write_text("".join(mixed[:3] + extra + mixed[3:]))
     out = tmp_path / "out"
     monkeypatch.setenv(W.FAULT_ENV, f"v4={tmp_path / 'fault.flag'}")
-    res = run_cli(capsys, "track-many", bad, *_model(ckpt), "--workers", 2, "--threads", 1, "--save", "png,rle", "--out", out)
+    res = run_cli(capsys, "track-many", bad, *_model(ckpt), *OPTS, "--out", out)
     assert res.code == 1, res.err  # some lines failed
     assert (tmp_path / "fault.flag").exists() and "died (exit code 70) while tracking v4" in res.out
     recs = {r["line"]: r for r in _status(out)}
@@ -154,7 +156,7 @@ def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resum
     before = _mtimes(out)
     good = tmp_path / "good.jsonl"
     good.write_text("".join(mixed))
-    res = run_cli(capsys, "track-many", good, *_model(ckpt), "--workers", 2, "--threads", 1, "--save", "png,rle", "--out", out)
+    res = run_cli(capsys, "track-many", good, *_model(ckpt), *OPTS, "--out", out)
     assert res.code == 0, res.err
     assert "6 videos: 0 to track, 6 already done" in res.out and "local workers" not in res.out
     assert _mtimes(out) == before and _summary(out)["tracked"] == 0
@@ -162,7 +164,7 @@ def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resum
 
     # a frame lost: that video is partial and redone (alone), the others are left as they are
     os.remove(out / "v1" / "masks" / "00002.png")
-    res = run_cli(capsys, "track-many", good, *_model(ckpt), "--threads", 1, "--save", "png,rle", "--out", out)
+    res = run_cli(capsys, "track-many", good, *_model(ckpt), *OPTS, "--out", out)
     assert res.code == 0 and "6 videos: 1 to track, 5 already done" in res.out, res.out
     after = _mtimes(out)
     assert all(after[f] == t for f, t in before.items() if not f.startswith("v1"))
@@ -194,8 +196,7 @@ def test_ray_equals_track_survives_a_kill_and_reruns_nothing(ray_cluster, ckpt, 
     folder, manifest, lines = data
     out = tmp_path / "out"
     monkeypatch.setenv(W.FAULT_ENV, f"v2={tmp_path / 'fault.flag'}")
-    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", "--workers", 2, "--threads", 1, "--save", "png,rle",
-                  "--out", out)
+    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", *OPTS, "--out", out)
     assert res.code == 0, res.err + res.out
     assert "Ray cluster (2 CPUs, 0 GPUs): 2 actor(s), 1 CPU(s) each" in res.out
     assert (tmp_path / "fault.flag").exists() and "while tracking v2; retrying on another worker" in res.out
@@ -208,8 +209,7 @@ def test_ray_equals_track_survives_a_kill_and_reruns_nothing(ray_cluster, ckpt, 
     assert tmp_leftovers(str(out)) == []
     monkeypatch.delenv(W.FAULT_ENV)
     before = _mtimes(out)
-    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", "--workers", 2, "--threads", 1, "--save", "png,rle",
-                  "--out", out)
+    res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", *OPTS, "--out", out)
     assert res.code == 0 and "0 to track, 6 already done" in res.out and "Ray cluster" not in res.out
     assert _mtimes(out) == before
 
@@ -316,7 +316,8 @@ def test_scheduler_gives_up_after_max_attempts_and_stops_on_a_model_that_cannot_
     res = run_tasks(_tasks([3, 4]), FakeBackend(die={"v1": 99}), workers=2, max_attempts=3, log=lambda _m: None,
                     poll=0)
     bad = res.records[2]
-    assert bad["status"] == "failed" and bad["attempts"] == 3 and "died (exit code 70) on each of 3 tries" in bad["error"]
+    assert bad["status"] == "failed" and bad["attempts"] == 3
+    assert "died (exit code 70) on each of 3 tries" in bad["error"]
     assert res.records[1]["status"] == "done"
     with pytest.raises(CliError, match="could not load the model: checkpoint is for sam2.1_hiera_large"):
         run_tasks(_tasks([3]), FakeBackend(fatal="checkpoint is for sam2.1_hiera_large"), 1, 3, lambda _m: None, poll=0)

@@ -203,7 +203,8 @@ def read_manifest(path: str, out_dir: str) -> List[Entry]:
             names[task.name] = line
             entries.append(task)
     if not entries:
-        raise CliError(f"manifest {path} has no lines (JSON Lines: one {{\"video\": ..., \"prompts\": [...]}} per line)")
+        raise CliError(f"manifest {path} has no lines "
+                       '(JSON Lines: one {"video": ..., "prompts": [...]} per line)')
     return entries
 
 

@@ -145,7 +145,8 @@ class TrackResult:
 def check_job(job: TrackJob) -> None:
     """What can be checked without the model: prompts, frame options, the video path."""
     if not job.prompts:
-        raise CliError("no prompt given: add --point FRAME:OBJ:X,Y, --box FRAME:OBJ:X0,Y0,X1,Y1 or --mask FRAME:OBJ:PNG")
+        raise CliError("no prompt given: add --point FRAME:OBJ:X,Y, --box FRAME:OBJ:X0,Y0,X1,Y1 "
+                       "or --mask FRAME:OBJ:PNG")
     if job.max_frames is not None and job.max_frames < 0:
         raise CliError(f"--max-frames must be >= 0, got {job.max_frames}")
     if job.start is not None and job.start < 0:

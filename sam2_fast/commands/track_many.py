@@ -16,7 +16,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from sam2_fast.batch.manifest import BadLine, Task, file_identity, options_hash, probe_frames, read_manifest, work_frames
+from sam2_fast.batch.manifest import (BadLine, Task, file_identity, options_hash, probe_frames, read_manifest,
+                                      work_frames)
 from sam2_fast.batch.scheduler import RunResult, run_tasks
 from sam2_fast.batch.worker import FAULT_ENV, ModelSpec, read_complete, record
 from sam2_fast.commands import outputs as O
@@ -39,8 +40,10 @@ examples:
 def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="JSON Lines file: one {\"video\", \"prompts\", \"reverse\"} per line")
     add_model_args(p)
-    p.add_argument("--out", required=True, help="output folder: OUT/NAME/ per video, OUT/status.jsonl, OUT/summary.json")
-    p.add_argument("--save", default="png", help=f"comma-separated outputs per video: {', '.join(SAVE_KINDS)} (default png)")
+    p.add_argument("--out", required=True,
+                   help="output folder: OUT/NAME/ per video, OUT/status.jsonl, OUT/summary.json")
+    p.add_argument("--save", default="png",
+                   help=f"comma-separated outputs per video: {', '.join(SAVE_KINDS)} (default png)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (CUDA)")
     p.add_argument("--fast", action="store_true", help="our fast runtime (bf16, compiled, CUDA graphs on CUDA)")
     p.add_argument("--workers", type=int, default=None,
