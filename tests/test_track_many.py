@@ -253,10 +253,11 @@ class FakeBackend:
 
     def __init__(self, die=None, fatal=None):
         self.die, self.fatal = dict(die or {}), fatal
-        self.handed, self.inflight, self.n = [], {}, 0
+        self.handed, self.inflight, self.n, self.starting = [], {}, 0, []
 
     def _new(self):
         self.n += 1
+        self.starting.append(f"w{self.n - 1}")
         return f"w{self.n - 1}"
 
     def start(self, n):
@@ -270,12 +271,13 @@ class FakeBackend:
     def wait(self, timeout):
         from sam2_fast.batch.scheduler import Event
 
+        if self.starting:  # workers report ready (or that the model failed) first
+            ready, self.starting = self.starting, []
+            return [Event(w, fatal=self.fatal) if self.fatal else Event(w, ready=True) for w in ready]
         events = []
         for wid, task in sorted(self.inflight.items())[:1]:  # one finishes per wait
             del self.inflight[wid]
-            if self.fatal:
-                events.append(Event(wid, fatal=self.fatal))
-            elif self.die.get(task.name, 0) > 0:
+            if self.die.get(task.name, 0) > 0:
                 self.die[task.name] -= 1
                 events.append(Event(wid, died="exit code 70"))
             else:
@@ -334,7 +336,7 @@ def test_mutation_scheduler_bugs_are_caught(monkeypatch, bug):
     else:
         real = scheduler._take
         monkeypatch.setattr(scheduler, "_take", lambda q, wid, avoid, alone: real(q, wid, {}, alone))
-        monkeypatch.setattr(FakeBackend, "replace", lambda self, wid: wid)  # a restarted worker keeps its id
+        monkeypatch.setattr(FakeBackend, "replace", lambda self, wid: self.starting.append(wid))  # keeps its id
     with pytest.raises(AssertionError):
         test_scheduler_longest_first_one_per_worker_and_retries_elsewhere()
 

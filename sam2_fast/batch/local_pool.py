@@ -27,6 +27,7 @@ def _worker_main(spec: ModelSpec, wid: str, device: str, threads: Optional[int],
     except BaseException as exc:  # noqa: BLE001 - reported, then the driver ends the run
         conn.send(("fatal", describe_error(exc)))
         return
+    conn.send(("ready", None))
     while True:
         try:
             task = conn.recv()
@@ -60,6 +61,7 @@ class LocalPool:
         self.spec, self.devices, self.threads = spec, devices, threads
         self.ctx = mp.get_context("spawn")
         self.procs: Dict[str, _Proc] = {}
+        self.broken: set = set()  # workers found dead, reported by the next wait
         self.count = 0
 
     def _spawn(self, slot: int) -> str:
@@ -78,33 +80,38 @@ class LocalPool:
         return [self._spawn(k) for k in range(n)]
 
     def submit(self, wid: str, task: Task) -> None:
-        self.procs[wid].conn.send(task)
+        try:
+            self.procs[wid].conn.send(task)
+        except OSError:  # it died since its last message: the next wait reports it, with the task
+            self.broken.add(wid)
 
     def wait(self, timeout: float) -> List[Event]:
         handles: Dict[Any, str] = {}
         for wid, p in self.procs.items():
             handles[p.conn] = wid
             handles[p.proc.sentinel] = wid
+        seen = set()
         events: List[Event] = []
-        gone = set()
-        for h in mpc.wait(list(handles), timeout):
+        for h in ([] if self.broken else mpc.wait(list(handles), timeout)):
             wid = handles[h]
-            if wid in gone:
+            if wid in seen:
                 continue
+            seen.add(wid)
             p = self.procs[wid]
-            msg = None
             try:
-                if p.conn.poll():  # a result sent just before the process ended still counts
-                    msg = p.conn.recv()
-            except (EOFError, OSError):
-                msg = None
-            if msg is not None:
-                kind, body = msg
-                events.append(Event(wid, fatal=body) if kind == "fatal" else Event(wid, record=body))
-            elif not p.proc.is_alive() or h is p.conn:  # EOF on the pipe: the process is going
-                p.proc.join(5)
-                events.append(Event(wid, died=_why(p.proc.exitcode)))
-                gone.add(wid)
+                while p.conn.poll():  # what it sent before it ended still counts
+                    kind, body = p.conn.recv()
+                    events.append(Event(wid, ready=True) if kind == "ready" else
+                                  Event(wid, fatal=body) if kind == "fatal" else Event(wid, record=body))
+            except (EOFError, OSError):  # EOF on the pipe: the process is ending
+                self.broken.add(wid)
+            if not p.proc.is_alive():
+                self.broken.add(wid)
+        for wid in sorted(self.broken):
+            p = self.procs[wid]
+            p.proc.join(5)
+            events.append(Event(wid, died=_why(p.proc.exitcode)))
+        self.broken.clear()
         return events
 
     def replace(self, wid: str) -> str:

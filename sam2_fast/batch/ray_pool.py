@@ -57,6 +57,9 @@ class WorkerActor:
         except Exception as exc:  # noqa: BLE001 - sent back as a fatal event
             self.worker, self.error = None, describe_error(exc)
 
+    def ready(self):
+        return ("ready", None) if self.worker is not None else ("fatal", self.error)
+
     def process(self, task: Task):
         if self.worker is None:
             return ("fatal", self.error)
@@ -73,15 +76,16 @@ class RayPool:
         res = dict(num_gpus=1, num_cpus=1) if use_gpu else dict(num_cpus=cpus_per_actor)
         self.cls = ray.remote(WorkerActor).options(max_restarts=0, max_task_retries=0, **res)
         self.actors: Dict[str, Any] = {}
-        self.refs: Dict[Any, str] = {}  # in-flight call -> worker id
-        self.tasks: Dict[str, Task] = {}
+        self.refs: Dict[Any, str] = {}  # in-flight call (a ready() or a process()) -> worker id
+        self.tasks: Dict[str, Task] = {}  # worker id -> its video, while process() runs
         self.count = 0
 
     def _spawn(self) -> str:
         wid = f"ray-{self.count}"
         self.count += 1
         device = "cuda" if self.use_gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
-        self.actors[wid] = self.cls.remote(self.spec, wid, device, None if self.use_gpu else self.cpus)
+        self.actors[wid] = actor = self.cls.remote(self.spec, wid, device, None if self.use_gpu else self.cpus)
+        self.refs[actor.ready.remote()] = wid
         return wid
 
     def start(self, n: int) -> List[str]:
@@ -95,23 +99,33 @@ class RayPool:
         ray = self.ray
         if not self.refs:
             return []
-        ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=timeout)
+        # the first reply, then whatever else is in already: waiting for all of them (or the
+        # timeout) would leave a finished actor idle until the slowest one is done
+        ready, rest = ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        if ready and rest:
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         events: List[Event] = []
         for ref in ready:
             wid = self.refs.pop(ref)
-            task = self.tasks.pop(wid)
+            task = self.tasks.pop(wid, None)
             try:
                 kind, body = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:  # our code raised in the actor (it should not)
-                events.append(Event(wid, record=record(task, "failed", wid, error=describe_error(exc))))
+                if task is None:
+                    events.append(Event(wid, fatal=describe_error(exc)))
+                else:
+                    events.append(Event(wid, record=record(task, "failed", wid, error=describe_error(exc))))
                 continue
             except ray.exceptions.RayError as exc:  # the actor or its node is gone (killed, OOM, lost)
                 events.append(Event(wid, died=_reason(exc)))
                 continue
-            events.append(Event(wid, fatal=body) if kind == "fatal" else Event(wid, record=body))
+            events.append(Event(wid, ready=True) if kind == "ready" else
+                          Event(wid, fatal=body) if kind == "fatal" else Event(wid, record=body))
         return events
 
     def replace(self, wid: str) -> str:
+        self.refs = {r: w for r, w in self.refs.items() if w != wid}
+        self.tasks.pop(wid, None)
         actor = self.actors.pop(wid)
         try:
             self.ray.kill(actor, no_restart=True)

@@ -20,16 +20,17 @@ class Event:
     """What a backend reports about one worker."""
 
     wid: str
+    ready: bool = False  # the worker built its model and takes videos
     record: Optional[Dict[str, Any]] = None  # the worker finished its task (done or failed)
     died: Optional[str] = None  # the worker process is gone (why: exit code, signal, Ray's reason)
     fatal: Optional[str] = None  # the worker could not build the model: nothing can run
 
 
 class Backend(Protocol):
-    def start(self, n: int) -> List[str]: ...  # n worker ids
+    def start(self, n: int) -> List[str]: ...  # n worker ids; each reports ready (or fatal) later
     def submit(self, wid: str, task: Task) -> None: ...
     def wait(self, timeout: float) -> List[Event]: ...
-    def replace(self, wid: str) -> str: ...  # a fresh worker in place of a dead one
+    def replace(self, wid: str) -> str: ...  # a fresh worker in place of a dead one (also reports ready)
     def stop(self) -> None: ...
 
 
@@ -46,6 +47,7 @@ class RunResult:
     workers: Dict[str, WorkerStats] = field(default_factory=dict)
     wall: float = 0.0
     deaths: int = 0
+    startup: Optional[float] = None  # seconds until the first worker was ready
 
 
 def longest_first(tasks: List[Task]) -> List[Task]:
@@ -64,82 +66,113 @@ def _take(queue: Deque[Task], wid: str, avoid: Dict[int, Set[str]], alone: bool)
     return None
 
 
+class _Run:
+    """The state of one ``run_tasks`` call: the queue, the workers (starting, idle, busy) and
+    every video's tries."""
+
+    def __init__(self, tasks: List[Task], backend: Backend, workers: int, max_attempts: int,
+                 log: Callable[[str], None], result: RunResult) -> None:
+        self.queue: Deque[Task] = collections.deque(longest_first(tasks))
+        self.backend, self.workers, self.max_attempts = backend, workers, max_attempts
+        self.log, self.result = log, result
+        self.attempts: Dict[int, int] = collections.Counter()
+        self.avoid: Dict[int, Set[str]] = collections.defaultdict(set)
+        self.inflight: Dict[str, Task] = {}
+        self.ready: Set[str] = set()  # workers with a model, idle or busy
+        self.idle: List[str] = []
+        self.total, self.finished = len(tasks), 0
+        self.t0 = time.perf_counter()
+
+    def dispatch(self) -> None:
+        for wid in list(self.idle):
+            task = _take(self.queue, wid, self.avoid, alone=len(self.ready) == 1)
+            if task is None:
+                continue
+            self.idle.remove(wid)
+            self.attempts[task.line] += 1
+            self.backend.submit(wid, task)
+            self.inflight[wid] = task
+
+    def on_event(self, ev: Event) -> None:
+        task = self.inflight.pop(ev.wid, None)
+        if ev.fatal is not None:
+            raise CliError(f"worker {ev.wid} could not load the model: {ev.fatal}")
+        if ev.ready:
+            if self.result.startup is None:
+                self.result.startup = time.perf_counter() - self.t0
+            self.ready.add(ev.wid)
+            self.idle.append(ev.wid)
+        elif ev.died is not None:
+            self.on_death(ev.wid, ev.died, task)
+        elif task is not None and ev.record is not None:
+            self.idle.append(ev.wid)
+            self.on_record(ev.wid, ev.record, task)
+
+    def on_death(self, wid: str, why: str, task: Optional[Task]) -> None:
+        self.result.deaths += 1
+        self.ready.discard(wid)
+        if wid in self.idle:  # it had sent its last record before it went
+            self.idle.remove(wid)
+        self.backend.replace(wid)  # the new one reports ready when its model is built
+        reason = f"worker {wid} died ({why})"
+        if self.finished == 0 and self.result.deaths >= max(10, 3 * self.workers):
+            # a worker that cannot even start (a driver crash on import, no memory for the
+            # model) would otherwise burn every video's tries one after another
+            raise CliError(f"{self.result.deaths} workers died before any video finished (last: {reason})")
+        if task is None:
+            return
+        if self.attempts[task.line] < self.max_attempts:
+            self.log(f"{reason} while tracking {task.name}; retrying on another worker "
+                     f"(try {self.attempts[task.line] + 1} of {self.max_attempts})")
+            self.avoid[task.line].add(wid)
+            self.queue.appendleft(task)
+        else:
+            self.finish(task, record(task, "failed", wid, error=f"{reason} on each of {self.max_attempts} tries"))
+
+    def on_record(self, wid: str, rec: Dict[str, Any], task: Task) -> None:
+        st = self.result.workers.setdefault(wid, WorkerStats())
+        st.seconds += rec["seconds"]
+        if rec.get("retry") and self.attempts[task.line] < self.max_attempts:
+            self.log(f"{task.name} failed on {wid} ({rec['error']}); retrying on another worker")
+            self.avoid[task.line].add(wid)
+            self.queue.appendleft(task)
+            return
+        rec.pop("retry", None)
+        if rec["status"] == "done":
+            st.videos += 1
+            st.frames += rec["frames"]
+        self.finish(task, rec)
+
+    def finish(self, task: Task, final: Dict[str, Any]) -> None:
+        final["attempts"] = self.attempts[task.line]
+        self.result.records[task.line] = final
+        self.finished += 1
+        what = (f"{final['frames']} frames in {final['seconds']:.1f} s" if final["status"] == "done"
+                else final.get("error", ""))
+        self.log(f"[{self.finished}/{self.total}] {final['status']} {task.name}: {what} ({final['worker']})")
+
+
 def run_tasks(tasks: List[Task], backend: Backend, workers: int, max_attempts: int,
-              log: Callable[[str], None] = print, result: Optional[RunResult] = None, poll: float = 0.5) -> RunResult:
+              log: Callable[[str], None] = print, result: Optional[RunResult] = None, poll: float = 0.5,
+              patience: float = 120.0) -> RunResult:
     """Track ``tasks`` on ``workers`` workers of ``backend``; the final records land in
-    ``result`` as they come (so an interrupted run still has the finished ones)."""
-    queue: Deque[Task] = collections.deque(longest_first(tasks))
-    result = result if result is not None else RunResult({})
-    attempts: Dict[int, int] = collections.Counter()
-    avoid: Dict[int, Set[str]] = collections.defaultdict(set)
-    inflight: Dict[str, Task] = {}
-    total, finished = len(tasks), 0
-    t0 = time.perf_counter()
-    idle: List[str] = []
+    ``result`` as they come (so an interrupted run still has the finished ones). A worker
+    gets its first video once its model is built, so a slow or unschedulable one (a Ray
+    actor waiting for a GPU the cluster lacks) holds no video back."""
+    run = _Run(tasks, backend, workers, max_attempts, log, result if result is not None else RunResult({}))
+    warned = False
     try:
-        idle = backend.start(min(workers, len(queue))) if queue else []
-        live = set(idle)
-        while queue or inflight:
-            for wid in list(idle):
-                task = _take(queue, wid, avoid, alone=len(live) == 1)
-                if task is None:
-                    continue
-                idle.remove(wid)
-                attempts[task.line] += 1
-                backend.submit(wid, task)
-                inflight[wid] = task
+        if run.queue:
+            backend.start(min(workers, len(run.queue)))
+        while run.queue or run.inflight:
+            run.dispatch()
             for ev in backend.wait(poll):
-                task = inflight.pop(ev.wid, None)
-                if ev.fatal is not None:
-                    raise CliError(f"worker {ev.wid} could not load the model: {ev.fatal}")
-                final: Optional[Dict[str, Any]] = None
-                if ev.died is not None:
-                    result.deaths += 1
-                    live.discard(ev.wid)
-                    if ev.wid in idle:  # it had sent its last record before it went
-                        idle.remove(ev.wid)
-                    new = backend.replace(ev.wid)
-                    live.add(new)
-                    idle.append(new)
-                    reason = f"worker {ev.wid} died ({ev.died})"
-                    if finished == 0 and result.deaths >= max(10, 3 * workers):
-                        # a worker that cannot even start (a driver crash on import, no memory for
-                        # the model) would otherwise burn every video's tries one after another
-                        raise CliError(f"{result.deaths} workers died before any video finished (last: {reason})")
-                    if task is None:
-                        continue
-                    if attempts[task.line] < max_attempts:
-                        log(f"{reason} while tracking {task.name}; retrying on another worker "
-                            f"(try {attempts[task.line] + 1} of {max_attempts})")
-                        avoid[task.line].add(ev.wid)
-                        queue.appendleft(task)
-                    else:
-                        final = record(task, "failed", ev.wid, error=f"{reason} on each of {max_attempts} tries")
-                else:
-                    idle.append(ev.wid)
-                    rec = ev.record
-                    if task is None or rec is None:
-                        continue
-                    st = result.workers.setdefault(ev.wid, WorkerStats())
-                    st.seconds += rec["seconds"]
-                    if rec.get("retry") and attempts[task.line] < max_attempts:
-                        log(f"{task.name} failed on {ev.wid} ({rec['error']}); retrying on another worker")
-                        avoid[task.line].add(ev.wid)
-                        queue.appendleft(task)
-                    else:
-                        rec.pop("retry", None)
-                        final = rec
-                        if rec["status"] == "done":
-                            st.videos += 1
-                            st.frames += rec["frames"]
-                if final is not None:
-                    final["attempts"] = attempts[task.line]
-                    result.records[task.line] = final
-                    finished += 1
-                    what = (f"{final['frames']} frames in {final['seconds']:.1f} s" if final["status"] == "done"
-                            else final.get("error", ""))
-                    log(f"[{finished}/{total}] {final['status']} {task.name}: {what} ({final['worker']})")
+                run.on_event(ev)
+            if not run.ready and not warned and time.perf_counter() - run.t0 > patience:
+                warned = True
+                log(f"no worker ready after {patience:.0f} s: still loading, or waiting for resources "
+                    "(a Ray cluster without the CPUs/GPUs asked for)")
     finally:
-        result.wall = time.perf_counter() - t0
+        run.result.wall = time.perf_counter() - run.t0
         backend.stop()
-    return result
+    return run.result

@@ -155,7 +155,8 @@ def summarize(records: Dict[int, Dict[str, Any]], result: RunResult) -> Dict[str
             "failed": sum(r["status"] == "failed" for r in recs), "frames": frames, "seconds": round(wall, 3),
             "frames_per_s": round(frames / wall, 3) if wall else 0.0,
             "videos_per_hour": round(3600 * len(tracked) / wall, 1) if wall else 0.0,
-            "worker_deaths": result.deaths, "workers": per_worker}
+            "worker_deaths": result.deaths,
+            "startup_s": None if result.startup is None else round(result.startup, 3), "workers": per_worker}
 
 
 def _write_status(out: str, records: Dict[int, Dict[str, Any]], summary: Dict[str, Any]) -> None:
