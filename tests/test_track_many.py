@@ -185,8 +185,11 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # one small cluster for the module: start-up takes seconds; 2 CPUs as the test machine
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             configure_logging=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
+                 configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - a machine where Ray cannot start is not our bug
+        pytest.skip(f"a local Ray cluster cannot start here: {type(exc).__name__}: {exc}")
     yield ray
     ray.shutdown()
 

@@ -123,6 +123,8 @@ class Worker:
         if threads:
             torch.set_num_threads(threads)  # N CPU workers x all cores each would oversubscribe
         self.device = pick_device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # so code that says plain "cuda" means this worker's GPU too
         self.predictor = build_predictor(spec.model, spec.checkpoint, self.device, spec.image_size, spec.fast)
 
     def process(self, task: Task) -> Dict[str, Any]:
