@@ -148,7 +148,8 @@ def local_devices(device: str, workers: Optional[int]) -> List[str]:
 
 
 def cpu_threads(workers: int) -> int:
-    # CPU workers split the cores: 2 workers x all cores each ran ~25% slower than 2 x half
-    # on the 2-core test machine (oversubscribed OpenMP pools spin against each other)
+    # CPU workers split the cores: N workers x all cores each would oversubscribe them, and
+    # OpenMP threads that lose their core stall the others at every barrier (on the shared
+    # 2-core machine, a 4-frame track took 0.7 s at 1 thread and 19 s at 2 under load ~6)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, workers))
