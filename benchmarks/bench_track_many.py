@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--backends", default="local,ray")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every run (interleaved, so load changes "
+                    "on a shared machine hit every configuration alike)")
     ap.add_argument("--dispatch-tasks", type=int, default=100, help="0: skip the dispatch part")
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args()
@@ -127,11 +129,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(os.path.join(tmp, "tiny.pt"))
         manifest = make_data(tmp, args.videos, args.frames, h, w)
-        for backend in args.backends.split(","):
-            for k in (int(v) for v in args.workers.split(",")):
-                r = run_command(manifest, os.path.join(tmp, f"out-{backend}-{k}"), ckpt, args.image_size, backend, k)
-                results["runs"].append(r)
-                print(json.dumps({k2: v for k2, v in r.items() if k2 != "per_worker"}), flush=True)
+        for rnd in range(args.repeat):
+            for backend in args.backends.split(","):
+                for k in (int(v) for v in args.workers.split(",")):
+                    out = os.path.join(tmp, f"out-{backend}-{k}-{rnd}")
+                    r = {"round": rnd, **run_command(manifest, out, ckpt, args.image_size, backend, k),
+                         "load": os.getloadavg()[0]}
+                    results["runs"].append(r)
+                    print(json.dumps({k2: v for k2, v in r.items() if k2 != "per_worker"}), flush=True)
         if args.dispatch_tasks:
             for backend in args.backends.split(","):
                 d = dispatch(backend, ckpt, args.image_size, args.dispatch_tasks, tmp)
