@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -48,9 +48,12 @@ def make_data(folder: str, videos: int, frames: int, h: int, w: int) -> str:
     return path
 
 
-def run_command(manifest: str, out: str, ckpt: str, size: int, backend: str, workers: int) -> Dict[str, Any]:
+def run_command(manifest: str, out: str, ckpt: str, size: int, backend: str, workers: int,
+                threads: Optional[int] = None) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "sam2_fast.cli", "track-many", manifest, "--model", "tiny", "--checkpoint", ckpt,
            "--image-size", str(size), "--device", "cpu", "--workers", str(workers), "--out", out]
+    if threads:
+        cmd += ["--threads", str(threads)]
     if backend == "ray":
         cmd.append("--ray")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--backends", default="local,ray")
+    ap.add_argument("--threads", type=int, default=None, help="--threads of every run (default: the command's)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every run (interleaved, so load changes "
                     "on a shared machine hit every configuration alike)")
     ap.add_argument("--dispatch-tasks", type=int, default=100, help="0: skip the dispatch part")
@@ -133,7 +137,7 @@ def main() -> None:
             for backend in args.backends.split(","):
                 for k in (int(v) for v in args.workers.split(",")):
                     out = os.path.join(tmp, f"out-{backend}-{k}-{rnd}")
-                    r = {"round": rnd, **run_command(manifest, out, ckpt, args.image_size, backend, k),
+                    r = {"round": rnd, **run_command(manifest, out, ckpt, args.image_size, backend, k, args.threads),
                          "load": os.getloadavg()[0]}
                     results["runs"].append(r)
                     print(json.dumps({k2: v for k2, v in r.items() if k2 != "per_worker"}), flush=True)

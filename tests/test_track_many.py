@@ -78,11 +78,13 @@ def reference(ckpt, data, tmp_path_factory):
     # border pixels (2 of 3072 on one frame at 1 vs 2 threads)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    for i in range(len(LENGTHS)):
-        code = main(["track", str(folder / f"v{i}.mp4"), *_model(ckpt), *_track_args(i), "--save", "png,rle",
-                     "--out", str(out / f"v{i}"), "--no-progress"])
-        assert code == 0
-    torch.set_num_threads(threads)
+    try:
+        for i in range(len(LENGTHS)):
+            code = main(["track", str(folder / f"v{i}.mp4"), *_model(ckpt), *_track_args(i), "--save", "png,rle",
+                         "--out", str(out / f"v{i}"), "--no-progress"])
+            assert code == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
