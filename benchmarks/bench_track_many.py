@@ -68,7 +68,7 @@ def run_command(manifest: str, out: str, ckpt: str, size: int, backend: str, wor
     busy = sum(w["seconds"] for w in s["workers"].values())
     return {"backend": backend, "workers": workers, "videos": s["tracked"], "frames": s["frames"],
             "process_s": round(wall, 2), "scheduler_s": s["seconds"], "busy_s": round(busy, 2),
-            "frames_per_s": s["frames_per_s"], "videos_per_hour": s["videos_per_hour"],
+            "frames_per_s": s["frames_per_s"], "videos_per_hour": s["videos_per_hour"], "startup_s": s["startup_s"],
             "videos_per_hour_process": round(3600 * s["tracked"] / wall, 1), "per_worker": s["workers"]}
 
 
