@@ -62,6 +62,8 @@ class LocalPool:
         self.ctx = mp.get_context("spawn")
         self.procs: Dict[str, _Proc] = {}
         self.broken: set = set()  # workers found dead, reported by the next wait
+        self.busy: set = set()  # workers tracking a video
+        self.ready: set = set()  # workers with a model
         self.count = 0
 
     def _spawn(self, slot: int) -> str:
@@ -80,6 +82,7 @@ class LocalPool:
         return [self._spawn(k) for k in range(n)]
 
     def submit(self, wid: str, task: Task) -> None:
+        self.busy.add(wid)
         try:
             self.procs[wid].conn.send(task)
         except OSError:  # it died since its last message: the next wait reports it, with the task
@@ -101,6 +104,10 @@ class LocalPool:
             try:
                 while p.conn.poll():  # what it sent before it ended still counts
                     kind, body = p.conn.recv()
+                    if kind == "done":
+                        self.busy.discard(wid)
+                    elif kind == "ready":
+                        self.ready.add(wid)
                     events.append(Event(wid, ready=True) if kind == "ready" else
                                   Event(wid, fatal=body) if kind == "fatal" else Event(wid, record=body))
             except (EOFError, OSError):  # EOF on the pipe: the process is ending
@@ -111,6 +118,7 @@ class LocalPool:
             p = self.procs[wid]
             p.proc.join(5)
             events.append(Event(wid, died=_why(p.proc.exitcode)))
+            self.busy.discard(wid)
         self.broken.clear()
         return events
 
@@ -123,7 +131,12 @@ class LocalPool:
         return self._spawn(p.slot)
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        """Idle workers are told to exit; busy or still loading ones (an interrupted or aborted
+        run) are killed at once: a video cut short has no marker, so the next run redoes it."""
+        for wid, p in self.procs.items():
+            if wid in self.busy or wid not in self.ready:
+                p.proc.kill()
+                continue
             try:
                 p.conn.send(None)
             except OSError:

@@ -78,11 +78,15 @@ def read_complete(task: Task) -> Optional[Dict[str, Any]]:
 
 
 def clear_partial(out: str) -> None:
-    """Remove what a previous, unfinished try left (only the files track writes)."""
-    for name in (MARKER, "overlay.mp4"):
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            os.remove(path)
+    """Remove what a previous, unfinished try left (only the files track writes, and the
+    temporary files of a try that was killed mid-write)."""
+    try:
+        names = os.listdir(out)
+    except OSError:
+        return
+    for name in names:
+        if name in (MARKER, "overlay.mp4") or (name.startswith(".") and name.endswith(".tmp")):
+            os.remove(os.path.join(out, name))
     for sub in ("masks", "rle"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
 
