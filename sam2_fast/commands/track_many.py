@@ -189,8 +189,9 @@ def run(args: argparse.Namespace, log=print) -> int:
         records.update(result.records)
         summary = summarize(records, result)
         unfinished = sum(t.line not in result.records for t in pending)
-        if unfinished:
-            summary["unfinished"] = unfinished  # not in status.jsonl; a rerun tracks them
+        if unfinished:  # an interrupted or aborted run: not in status.jsonl; a rerun tracks them
+            summary["unfinished"] = unfinished
+            summary["videos"] += unfinished
         _write_status(out, records, summary)
     _log_summary(summary, out, log)
     return 1 if summary["failed"] else 0
