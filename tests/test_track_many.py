@@ -256,8 +256,8 @@ class FakeBackend:
     """Runs each task at once in this process; ``die`` maps a video name to how many of its
     tries kill the worker. Records every hand-out so the test can check the order."""
 
-    def __init__(self, die=None, fatal=None):
-        self.die, self.fatal = dict(die or {}), fatal
+    def __init__(self, die=None, fatal=None, die_loading=False):
+        self.die, self.fatal, self.die_loading = dict(die or {}), fatal, die_loading
         self.handed, self.inflight, self.n, self.starting = [], {}, 0, []
 
     def _new(self):
@@ -278,6 +278,8 @@ class FakeBackend:
 
         if self.starting:  # workers report ready (or that the model failed) first
             ready, self.starting = self.starting, []
+            if self.die_loading:
+                return [Event(w, died="killed by SIGSEGV") for w in ready]
             return [Event(w, fatal=self.fatal) if self.fatal else Event(w, ready=True) for w in ready]
         events = []
         for wid, task in sorted(self.inflight.items())[:1]:  # one finishes per wait
@@ -316,7 +318,7 @@ def test_scheduler_longest_first_one_per_worker_and_retries_elsewhere():
     assert res.deaths == 1 and all(r["status"] == "done" for r in res.records.values())
 
 
-def test_scheduler_gives_up_after_max_attempts_and_stops_on_a_model_that_cannot_load():
+def test_scheduler_gives_up_after_max_attempts_and_stops_when_workers_cannot_start():
     from sam2_fast.batch.scheduler import run_tasks
     from sam2_fast.commands.models import CliError
 
@@ -328,6 +330,9 @@ def test_scheduler_gives_up_after_max_attempts_and_stops_on_a_model_that_cannot_
     assert res.records[1]["status"] == "done"
     with pytest.raises(CliError, match="could not load the model: checkpoint is for sam2.1_hiera_large"):
         run_tasks(_tasks([3]), FakeBackend(fatal="checkpoint is for sam2.1_hiera_large"), 1, 3, lambda _m: None, poll=0)
+    # workers that die while loading are replaced, but not forever
+    with pytest.raises(CliError, match="10 workers died before tracking anything .*killed by SIGSEGV"):
+        run_tasks(_tasks([3, 4]), FakeBackend(die_loading=True), 2, 3, lambda _m: None, poll=0)
 
 
 @pytest.mark.parametrize("bug", ["manifest_order", "retry_on_the_same_worker"])

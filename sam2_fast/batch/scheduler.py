@@ -81,6 +81,7 @@ class _Run:
         self.ready: Set[str] = set()  # workers with a model, idle or busy
         self.idle: List[str] = []
         self.total, self.finished = len(tasks), 0
+        self.idle_deaths = 0  # workers that died holding no video (while loading, or idle)
         self.t0 = time.perf_counter()
 
     def dispatch(self) -> None:
@@ -115,11 +116,12 @@ class _Run:
             self.idle.remove(wid)
         self.backend.replace(wid)  # the new one reports ready when its model is built
         reason = f"worker {wid} died ({why})"
-        if self.finished == 0 and self.result.deaths >= max(10, 3 * self.workers):
-            # a worker that cannot even start (a driver crash on import, no memory for the
-            # model) would otherwise burn every video's tries one after another
-            raise CliError(f"{self.result.deaths} workers died before any video finished (last: {reason})")
         if task is None:
+            # workers that cannot even start (a crash on import, no memory for the model) would
+            # be replaced forever; deaths with a video are bounded by its tries instead
+            self.idle_deaths += 1
+            if self.finished == 0 and self.idle_deaths >= max(10, 3 * self.workers):
+                raise CliError(f"{self.idle_deaths} workers died before tracking anything (last: {reason})")
             return
         if self.attempts[task.line] < self.max_attempts:
             self.log(f"{reason} while tracking {task.name}; retrying on another worker "
