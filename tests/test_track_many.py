@@ -148,7 +148,10 @@ def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resum
         "prompts[0]: frame 7 is past the end of the video (4 frames, 0..3)"
     s = _summary(out)
     assert (s["done"], s["failed"], s["tracked"], s["worker_deaths"]) == (6, 3, 6, 1)
-    assert s["frames"] == sum(LENGTHS) and s["frames_per_s"] > 0 and "local-0" in s["workers"]
+    assert s["frames"] == sum(LENGTHS) and s["frames_per_s"] > 0
+    per = s["workers"].values()  # which workers did what depends on timing; the totals do not
+    assert all(w.startswith("local-") for w in s["workers"]) and sum(w["frames"] for w in per) == sum(LENGTHS)
+    assert sum(w["videos"] for w in per) == 6 and all(w["frames_per_s"] > 0 for w in per if w["frames"])
     assert f"6 done (0 already done), 3 failed; {sum(LENGTHS)} frames tracked" in res.out
     assert_same_as_track(out, reference, [f"v{i}" for i in range(6)])
     assert tmp_leftovers(str(out)) == [] and not (out / "late").exists()
@@ -203,7 +206,7 @@ def test_ray_equals_track_survives_a_kill_and_reruns_nothing(ray_cluster, ckpt, 
     monkeypatch.setenv(W.FAULT_ENV, f"v2={tmp_path / 'fault.flag'}")
     res = run_cli(capsys, "track-many", manifest, *_model(ckpt), "--ray", *OPTS, "--out", out)
     assert res.code == 0, res.err + res.out
-    assert "Ray cluster (2 CPUs, 0 GPUs): 2 actor(s), 1 CPU(s) each" in res.out
+    assert "Ray cluster (2 CPUs, " in res.out and "2 actor(s), 1 CPU(s) each" in res.out
     assert (tmp_path / "fault.flag").exists() and "while tracking v2; retrying on another worker" in res.out
     recs = {r["name"]: r for r in _status(out)}
     assert [recs[f"v{i}"]["attempts"] for i in range(6)] == [1, 1, 2, 1, 1, 1]

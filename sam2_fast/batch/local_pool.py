@@ -150,7 +150,7 @@ class LocalPool:
         self.procs.clear()
 
 
-def local_devices(device: str, workers: Optional[int]) -> List[str]:
+def local_devices(device: str) -> List[str]:
     """``auto`` with CUDA: one worker per GPU by default, worker k on ``cuda:k``; otherwise
     every worker on the device given."""
     import torch

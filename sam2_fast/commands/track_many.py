@@ -118,7 +118,7 @@ def _run_local(args, spec: ModelSpec, pending: List[Task], result: RunResult, lo
 
     if args.device != "auto":
         pick_device(args.device)  # a clear error for a device this machine lacks
-    devices = local_devices(args.device, args.workers)
+    devices = local_devices(args.device)
     n = args.workers or (len(devices) if devices[0].startswith("cuda") else 1)
     threads = args.threads or (cpu_threads(n) if devices[0] == "cpu" else None)
     log(f"local workers: {n} on {', '.join(devices[:n]) if len(devices) > 1 else devices[0]}"
