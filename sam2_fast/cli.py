@@ -1,7 +1,8 @@
 """The ``sam2-fast`` console script.
 
-Everyday use: ``track`` (a video), ``segment`` (an image, from clicks or a box), ``amg``
-(every object of an image), ``download`` (an official checkpoint). Tools: ``bench``,
+Everyday use: ``track`` (a video), ``track-many`` (a manifest of videos, on local
+processes or Ray), ``segment`` (an image, from clicks or a box), ``amg`` (every object of
+an image), ``download`` (an official checkpoint). Tools: ``bench``,
 ``profile``. ``sam2-fast COMMAND --help`` shows each one's options and examples.
 
 Errors the user can fix (a missing file, a malformed prompt, a checkpoint for another
@@ -25,7 +26,7 @@ EPILOG = """everyday use:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sam2_fast.commands import download, image, track
+    from sam2_fast.commands import download, image, track, track_many
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="sam2-fast", description="SAM 2 segmentation and tracking, fast.",
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     track.build_parser(sub.add_parser("track", help="track prompted objects through a video", epilog=track.EXAMPLES,
                                       description=track.__doc__.replace("``", ""), formatter_class=fmt))
+    track_many.build_parser(sub.add_parser("track-many", help="track many videos from a manifest (local workers or Ray)",
+                                           epilog=track_many.EXAMPLES, description=track_many.__doc__.replace("``", ""),
+                                           formatter_class=fmt))
     image.build_segment_parser(sub.add_parser("segment", help="one mask on an image from clicks or a box",
                                               epilog=image.SEGMENT_EXAMPLES, formatter_class=fmt))
     image.build_amg_parser(sub.add_parser("amg", help="masks of every object of an image (automatic mask generator)",
@@ -51,6 +55,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from sam2_fast.commands import track
 
         return track.run(args)
+    if args.command == "track-many":
+        from sam2_fast.commands import track_many
+
+        return track_many.run(args)
     if args.command == "segment":
         from sam2_fast.commands import image
 

@@ -13,7 +13,8 @@ import argparse
 import os
 import resource
 import time
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _save_kinds(text: str) -> List[str]:
+def save_kinds(text: str) -> List[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in SAVE_KINDS]
     if bad or not kinds:
@@ -117,62 +118,131 @@ def _expected_frames(n: int, start: int, max_frames: Optional[int], reverse: boo
     return span if max_frames is None else min(span, max_frames + 1)
 
 
-def run(args: argparse.Namespace, log=print) -> int:
-    kinds = _save_kinds(args.save)
-    prompts = parse_video_prompts(args.point, args.box, args.mask)
-    if not prompts:
-        raise CliError("no prompt given: add --point FRAME:OBJ:X,Y, --box FRAME:OBJ:X0,Y0,X1,Y1 or --mask FRAME:OBJ:PNG")
-    if args.max_frames is not None and args.max_frames < 0:
-        raise CliError(f"--max-frames must be >= 0, got {args.max_frames}")
-    if args.start is not None and args.start < 0:
-        raise CliError(f"--start must be >= 0, got {args.start}")
-    _check_video(args.video)
-    if "rle" in kinds:
+@dataclass
+class TrackJob:
+    """One video to track: what ``sam2-fast track`` takes besides the model (also one line
+    of a ``track-many`` manifest)."""
+
+    video: str
+    prompts: Dict[Tuple[int, int], FramePrompt]
+    out: str
+    kinds: List[str] = field(default_factory=lambda: ["png"])
+    start: Optional[int] = None
+    max_frames: Optional[int] = None
+    reverse: bool = False
+    dtype: str = "fp32"
+    progress: bool = True
+
+
+@dataclass
+class TrackResult:
+    frames: List[int]  # frame indices written, in tracking order
+    objects: List[int]
+    seconds: float  # the frame loop (init_state and prompts excluded)
+    interrupted: bool = False
+
+
+def check_job(job: TrackJob) -> None:
+    """What can be checked without the model: prompts, frame options, the video path."""
+    if not job.prompts:
+        raise CliError("no prompt given: add --point FRAME:OBJ:X,Y, --box FRAME:OBJ:X0,Y0,X1,Y1 "
+                       "or --mask FRAME:OBJ:PNG")
+    if job.max_frames is not None and job.max_frames < 0:
+        raise CliError(f"--max-frames must be >= 0, got {job.max_frames}")
+    if job.start is not None and job.start < 0:
+        raise CliError(f"--start must be >= 0, got {job.start}")
+    _check_video(job.video)
+    if "rle" in job.kinds:
         from sam2_fast.utils.amg import require_pycocotools
 
         require_pycocotools()
-    info = resolve_model(args.model)
-    ckpt = find_checkpoint(info, args.checkpoint)
-    device = pick_device(args.device)
-    over = overrides(args.image_size)
-    out = O.prepare_out_dir(args.out)
+
+
+def build_predictor(model: str, checkpoint: Optional[str], device, image_size: Optional[int], fast: bool):
+    """The video predictor every front end tracks with (built once per process)."""
+    info = resolve_model(model)
+    ckpt = find_checkpoint(info, checkpoint)
+    over = overrides(image_size)
+    from sam2_fast.build_sam import build_sam2_video_predictor
+
+    return load_model(build_sam2_video_predictor, info, ckpt, device=device, hydra_overrides_extra=over,
+                      vos_optimized=fast)
+
+
+def prepare_outputs(out: str, kinds: List[str]) -> str:
+    out = O.prepare_out_dir(out)
     for sub, kind in (("masks", "png"), ("rle", "rle")):
         if kind in kinds:
             O.prepare_out_dir(os.path.join(out, sub))
+    return out
 
-    from sam2_fast.build_sam import build_sam2_video_predictor
 
-    predictor = load_model(build_sam2_video_predictor, info, ckpt, device=device, hydra_overrides_extra=over,
-                           vos_optimized=args.fast)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+def run(args: argparse.Namespace, log=print) -> int:
+    kinds = save_kinds(args.save)
+    job = TrackJob(args.video, parse_video_prompts(args.point, args.box, args.mask), args.out, kinds,
+                   args.start, args.max_frames, args.reverse, args.dtype, not args.no_progress)
+    check_job(job)
+    info = resolve_model(args.model)
+    find_checkpoint(info, args.checkpoint)
+    device = pick_device(args.device)
+    overrides(args.image_size)
+    prepare_outputs(job.out, job.kinds)
+    predictor = build_predictor(args.model, args.checkpoint, device, args.image_size, args.fast)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res = track_video(predictor, job, device)
+    out, done = job.out, res.frames
+    if res.interrupted:
+        if not done:
+            raise CliError("interrupted before the first frame was written")
+        step = -1 if job.reverse else 1
+        log(f"interrupted: {len(done)} frames written to {out} (frames {done[0]}..{done[-1]}); "
+            f"resume with --start {done[-1] + step}" + (" --reverse" if job.reverse else ""))
+        return 130
+    secs = res.seconds
+    dev_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    host_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    wrote = ", ".join({"png": f"{out}/masks/", "overlay": f"{out}/overlay.mp4", "rle": f"{out}/rle/"}[k]
+                      for k in job.kinds)
+    log(f"tracked {len(done)} frames, {len(res.objects)} object(s) in {secs:.1f} s ({len(done) / max(secs, 1e-9):.2f} "
+        f"frames/s); peak memory: device {'-' if dev_mib is None else f'{dev_mib:.0f} MiB'}, host {host_mib:.0f} MiB; "
+        f"wrote {wrote}")
+    return 0
+
+
+def track_video(predictor, job: TrackJob, device,
+                on_frame: Optional[Callable[[int, int], None]] = None) -> TrackResult:
+    """Track ``job`` with an already built predictor and write its outputs (folders made by
+    ``prepare_outputs``). ``on_frame(frame_idx, frames_done)`` runs after each frame's files
+    are in place. Bad prompts raise ``CliError``; the predictor stays usable for the next job."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.dtype == "bf16")
     with torch.inference_mode(), autocast:
-        state = predictor.init_state(args.video, keep_outputs="all" if args.reverse else "reachable")
+        state = predictor.init_state(job.video, keep_outputs="all" if job.reverse else "reachable")
         n = state["num_frames"]
-        if args.start is not None and args.start >= n:
-            raise CliError(f"--start {args.start} is past the end of the video ({n} frames)")
-        _add_prompts(predictor, state, prompts)
-        start = args.start if args.start is not None else (max if args.reverse else min)(f for f, _ in prompts)
-        return _track(predictor, state, args, kinds, out, start, device, log)
+        if job.start is not None and job.start >= n:
+            raise CliError(f"--start {job.start} is past the end of the video ({n} frames)")
+        _add_prompts(predictor, state, job.prompts)
+        start = job.start if job.start is not None else (max if job.reverse else min)(f for f, _ in job.prompts)
+        return _track(predictor, state, job, start, on_frame)
 
 
-def _track(predictor, state, args, kinds: List[str], out: str, start: int, device, log) -> int:
+def _track(predictor, state, job: TrackJob, start: int, on_frame) -> TrackResult:
     from tqdm import tqdm
 
     from sam2_fast.video.propagate import propagate
 
+    kinds, out = job.kinds, job.out
     n = state["num_frames"]
     h, w = state["video_height"], state["video_width"]
-    reader = FrameReader(args.video) if "overlay" in kinds else None
+    reader = FrameReader(job.video) if "overlay" in kinds else None
     writer = O.OverlayWriter(os.path.join(out, "overlay.mp4"), reader.fps, w, h) if reader else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    total = _expected_frames(n, start, args.max_frames, args.reverse)
-    bar = tqdm(total=total, unit="frame", desc="track", disable=args.no_progress, dynamic_ncols=True)
+    total = _expected_frames(n, start, job.max_frames, job.reverse)
+    bar = tqdm(total=total, unit="frame", desc="track", disable=not job.progress, dynamic_ncols=True)
     done: List[int] = []
     obj_ids: List[int] = []
     t0 = time.perf_counter()
     try:
-        for frame_idx, obj_ids, logits in propagate(predictor, state, start, args.max_frames, args.reverse,
+        for frame_idx, obj_ids, logits in propagate(predictor, state, start, job.max_frames, job.reverse,
                                                      progress=False):
             lg = logits[:, 0].float().cpu().numpy()  # (N, H, W)
             masks = lg > 0
@@ -189,31 +259,22 @@ def _track(predictor, state, args, kinds: List[str], out: str, start: int, devic
                 writer.add(O.blend(reader[frame_idx], index))
             done.append(frame_idx)
             bar.update(1)
+            if on_frame is not None:
+                on_frame(frame_idx, len(done))
     except KeyboardInterrupt:
         bar.close()
         if writer is not None:
             writer.close()
-        if not done:
-            raise CliError("interrupted before the first frame was written") from None
-        step = -1 if args.reverse else 1
-        log(f"interrupted: {len(done)} frames written to {out} (frames {done[0]}..{done[-1]}); "
-            f"resume with --start {done[-1] + step}" + (" --reverse" if args.reverse else ""))
-        return 130
+        return TrackResult(done, list(obj_ids), time.perf_counter() - t0, interrupted=True)
     except BaseException:
         bar.close()
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        if reader is not None:
+            reader.close()
     bar.close()
     if writer is not None:
         writer.close()
-    if reader is not None:
-        reader.close()
-    secs = time.perf_counter() - t0
-    dev_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    host_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    wrote = ", ".join({"png": f"{out}/masks/", "overlay": f"{out}/overlay.mp4", "rle": f"{out}/rle/"}[k] for k in kinds)
-    log(f"tracked {len(done)} frames, {len(obj_ids)} object(s) in {secs:.1f} s ({len(done) / max(secs, 1e-9):.2f} "
-        f"frames/s); peak memory: device {'-' if dev_mib is None else f'{dev_mib:.0f} MiB'}, host {host_mib:.0f} MiB; "
-        f"wrote {wrote}")
-    return 0
+    return TrackResult(done, [int(o) for o in obj_ids], time.perf_counter() - t0)
