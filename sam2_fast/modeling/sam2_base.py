@@ -168,24 +168,20 @@ class SAM2Base(SamHeadsMixin, nn.Module):
     def _tpos_sines(self, offsets: Tuple[int, ...], span: int, width: int, device: torch.device) -> Tensor:
         """sine_pe_1d(offsets / span): (N, width) float32, no weights involved.
 
-        Kept per (offsets, span, width, device) in eager inference: building it is a host->
-        device copy of the offsets (``torch.tensor(..., device=cuda)``: a stream sync) plus
-        ~8 small kernels per tracked frame, and once the bank is full the offsets repeat."""
-        def build() -> Tensor:
-            return sine_pe_1d(torch.tensor(list(offsets), device=device) / span, width)
+        On CUDA the table is computed on the host and uploaded from pinned memory without
+        blocking: ``torch.tensor(offsets, device=cuda)`` (the reference's way) is a pageable
+        host->device copy that waits for the stream, i.e. a sync per tracked frame, plus ~8
+        tiny kernels. Not cached: a conditioning frame's offset grows with every frame, so
+        a cache keyed on the offsets missed on every frame of a stream (and its evictions
+        made live memory oscillate, caught by tests/test_stream_memory.py).
+        """
+        def build(on: torch.device) -> Tensor:
+            return sine_pe_1d(torch.tensor(list(offsets), device=on) / span, width)
 
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled()
-                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
-            return build()
-        cache = self.__dict__.setdefault("_tpos_cache", {})
-        key = (offsets, span, width, str(device))
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) >= 64:  # offsets differ per direction and near the clip ends only
-                cache.clear()
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable anywhere
-                hit = cache[key] = build()
-        return hit
+        if (device.type != "cuda" or torch.compiler.is_compiling()
+                or torch.cuda.is_current_stream_capturing()):
+            return build(device)
+        return build(torch.device("cpu")).pin_memory().to(device, non_blocking=True)
 
     def _gather_memory(self, frame_idx: int, like: Tensor, output_dict: Mapping[str, Mapping[int, dict]],
                        num_frames: Optional[int], track_in_reverse: bool) -> Tuple[Tensor, Tensor, int]:
