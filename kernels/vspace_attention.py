@@ -202,16 +202,22 @@ def pick_config(dk: int, dv: int, capability: tuple = (9, 0)) -> LaunchConfig:
     """Tiles per card family; shared memory as compiled (triton 3.8, d_v 64 / 256).
 
     sm_90 (227 KiB a block): 128x64 tiles, 3 stages: q 64 KiB + 3 x (k 32 + v 8) = 184 KiB at
-    (256, 64), 8 warps = two warpgroups of 64 query rows each (wgmma M = 64); d_v 256: 2
-    stages, 192 KiB. sm_80 (163 KiB): 128x64, 2 stages, 104 KiB (q stays in registers for
-    mma.sync); d_v 256: 64x64, 104 KiB. sm_86/89 (99 KiB): 64x32, 2 stages, 52 / 68 KiB.
+    (256, 64), 8 warps = two warpgroups of 64 query rows each (wgmma M = 64); d_v 256 below.
+    sm_80 (163 KiB): 128x64, 2 stages, 104 KiB (q stays in registers for
+    mma.sync); d_v 256 below. sm_86/89 (99 KiB): 64x32, 2 stages, 52 / 68 KiB.
     """
     major, minor = capability
     if (major, minor) in ((8, 6), (8, 7), (8, 9)) or major >= 12:
         return LaunchConfig(64, 32, 4, 2)
+    # d_v 256 (the memory self-attention's candidate): the fp32 accumulator is 4x wider, so
+    # the key tile or the query tile halves to stay spill-free (triton 3.8 AOT, bf16/fp16,
+    # ranges or not): sm_80 64x64x4 warps -> 64x32x8 warps (178-179 registers, 0 spills,
+    # 68 KiB; the old tile spilled 4-52 B, 128x32 still 4 B without ranges); sm_90 128x64 -> 64x64 (226 registers, 0 spills, 160 KiB; the
+    # old tile spilled, 128x32 fits at exactly 255 registers, no headroom for another ptxas).
+    # One resident program per SM either way (PROGRAMS_PER_SM).
     if major == 8:
-        return LaunchConfig(128, 64, 8, 2) if dv <= 64 else LaunchConfig(64, 64, 4, 2)
-    return LaunchConfig(128, 64, 8, 3) if dv <= 64 else LaunchConfig(128, 64, 8, 2)
+        return LaunchConfig(128, 64, 8, 2) if dv <= 64 else LaunchConfig(64, 32, 8, 2)
+    return LaunchConfig(128, 64, 8, 3) if dv <= 64 else LaunchConfig(64, 64, 8, 2)
 
 
 # Capabilities whose tile choice differs (every one is compiled by the AOT test).
@@ -238,7 +244,8 @@ def all_configs():
 # variant by tests/kernels/test_aot_compile.py::test_vspace_occupancy_is_documented):
 # sm_90 128x64x3 stages 184 KiB shared (124-189 registers x 256 threads) -> 1;
 # sm_80 128x64x2 104 KiB (166 registers x 256) -> 1; sm_86/89 64x32x2 52 KiB (134-141 x 128)
-# -> 1 (2 x 53 KiB > 100 KiB); d_v 256: 192 / 104 / 68 KiB -> 1. Shared memory bounds them all.
+# -> 1 (2 x 53 KiB > 100 KiB); d_v 256: sm_90 64x64 160 KiB (226 x 256), sm_80 64x32 68 KiB
+# (179 x 256: 2 x 45.8 k > 64 k registers), sm_86 68 KiB -> 1. Shared memory or registers bound them all.
 PROGRAMS_PER_SM = 1
 # Split-KV cost model (``choose_splits``), in units of one key block streamed by one program:
 PROGRAM_OVERHEAD_BLOCKS = 2  # q tile in (BM x DK x 2 B = 64 KiB ~ 1.6 k/v blocks of 40 KiB) + output

@@ -68,9 +68,6 @@ def known_failure(v, check: str, cc: int):
     else None. Strict: a fix makes the test fail until the entry is removed. Spill counts move
     with the ptxas version (triton 3.6 bundles another), so spill entries are not strict."""
     tile = {n: v.constexpr(n) for n in ("D", "DV", "BLOCK_M")}
-    if v.name == "vspace_attn_kernel" and check == "spills" and tile["DV"] == 256 and cc in (80, 90):
-        return ("vspace at d_v 256 (the memory self-attention's Triton candidate): 4-52 B spills at "
-                "255 registers on sm_80 (64x64) and sm_90 (128x64); sm_86's 64x32 none", False)
     return None
 
 
