@@ -8,7 +8,7 @@ exist and where they are stored.
 from __future__ import annotations
 
 import numbers
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,18 +37,29 @@ def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is
     return O.compact_output(model, session, out)
 
 
-def encode_memory(model, session: VideoSession, frame_idx: int, masks_high_res: Tensor,
-                  object_score_logits: Tensor) -> Tuple[Tensor, List[Tensor]]:
-    """Memory of a prompted frame, encoded from its final (possibly edited) mask."""
-    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=1)
+def encode_memories(model, session: VideoSession, frame_idx: int, outs: List[FrameOutput]) -> None:
+    """Memories of prompted frames, encoded from their final (possibly edited) masks: all
+    objects prompted on ``frame_idx`` in one memory-encoder call, stored as row views of
+    one tensor (so tracking copies this conditioning slot for all of them at once)."""
+    n = len(outs)
+    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=n)
+    image_hw = (model.image_size, model.image_size)
+    low_res = torch.cat([out["pred_masks"].to(session.device) for out in outs]) if n > 1 else \
+        outs[0]["pred_masks"].to(session.device)
+    scores = torch.cat([out["object_score_logits"] for out in outs]) if n > 1 else outs[0]["object_score_logits"]
     features, pos_enc = model._encode_new_memory(
         current_vision_feats=feats,
         feat_sizes=sizes,
-        pred_masks_high_res=masks_high_res,
-        object_score_logits=object_score_logits,
+        pred_masks_high_res=O.resize_logits(low_res, image_hw),
+        object_score_logits=scores,
         is_mask_from_pts=True,  # prompted frames: the user vouched for this mask
+        separate_objects=True,  # each row its own object, as when encoded one by one
     )
-    return O.store_memory(session, features), O.shared_pos_enc(session, pos_enc)
+    stored = O.store_memory(session, features)
+    O.shared_pos_enc(session, pos_enc)
+    for out, row in zip(outs, stored.split(1) if n > 1 else (stored,)):
+        out["maskmem_features"] = row
+        out["maskmem_pos_enc"] = list(session.maskmem_pos_enc)
 
 
 def clears_around_input(model, session: VideoSession) -> bool:
@@ -75,17 +86,18 @@ def preflight(model, session: VideoSession) -> None:
         if not obj.outputs[COND] and not obj.pending[COND]:
             raise RuntimeError(f"No input points or masks are provided for object id {obj.obj_id}; "
                                f"please add inputs first.")
-    image_hw = (model.image_size, model.image_size)
-    clear = clears_around_input(model, session)
+    to_encode: Dict[int, List[FrameOutput]] = {}
     for obj in session.objects:
         for key in (NON_COND, COND):
             for frame_idx, out in obj.pending[key].items():
                 if out["maskmem_features"] is None:
-                    high_res = O.resize_logits(out["pred_masks"].to(session.device), image_hw)
-                    feats, pos_enc = encode_memory(model, session, frame_idx, high_res,
-                                                   out["object_score_logits"])
-                    out["maskmem_features"] = feats
-                    out["maskmem_pos_enc"] = pos_enc
+                    to_encode.setdefault(frame_idx, []).append(out)
+    for frame_idx in sorted(to_encode):  # one memory-encoder call per prompted frame
+        encode_memories(model, session, frame_idx, to_encode[frame_idx])
+    clear = clears_around_input(model, session)
+    for obj in session.objects:
+        for key in (NON_COND, COND):
+            for frame_idx, out in obj.pending[key].items():
                 obj.outputs[key][frame_idx] = out
                 if clear:
                     clear_non_cond_around(model, obj, frame_idx)
@@ -177,6 +189,12 @@ def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = Non
         yield frame_idx, obj_ids, video_masks
 
 
+# Testing and benchmarks only: track each object on its own with the official
+# ``track_step`` (batch 1, as the reference predictor does) instead of the batched step.
+# The exactness tests compare the two; ``sam2-fast bench`` reports both.
+TRACK_PER_OBJECT = False
+
+
 def track_frame(model, session: VideoSession, frame_idx: int, reverse: bool, clear: bool,
                 objects: Optional[List] = None) -> Tensor:
     """The per-frame step of every front end (video predictor, streaming tracker).
@@ -187,20 +205,53 @@ def track_frame(model, session: VideoSession, frame_idx: int, reverse: bool, cle
     ``objects``: the objects of this propagation (default: the session's current ones).
     Returns the low-res mask logits of all objects, (num_objects, 1, S/4, S/4).
     """
-    per_obj: List[Tensor] = []
-    for obj in (session.objects if objects is None else objects):
+    objects = session.objects if objects is None else objects
+    per_obj: List[Optional[Tensor]] = [None] * len(objects)
+    todo: List[int] = []
+    for i, obj in enumerate(objects):
         prompted = obj.outputs[COND].get(frame_idx)
         if prompted is not None:
             # prompted frames already hold their final output (objects may differ in
             # their number of clicks, so they are not re-run)
-            masks = prompted["pred_masks"].to(session.device, non_blocking=True)
+            per_obj[i] = prompted["pred_masks"].to(session.device, non_blocking=True)
             if clear:
                 clear_non_cond_around(model, obj, frame_idx)
         else:
-            out, masks = run_frame(model, session, obj, frame_idx, is_init_cond_frame=False,
-                                   point_inputs=None, mask_inputs=None, reverse=reverse,
-                                   run_mem_encoder=True)
-            obj.outputs[NON_COND][frame_idx] = out
+            todo.append(i)
+    if todo and TRACK_PER_OBJECT:
+        for i in todo:
+            out, per_obj[i] = run_frame(model, session, objects[i], frame_idx, is_init_cond_frame=False,
+                                        point_inputs=None, mask_inputs=None, reverse=reverse,
+                                        run_mem_encoder=True)
+            objects[i].outputs[NON_COND][frame_idx] = out
+        todo = []
+    stacked = track_objects(model, session, frame_idx, [objects[i] for i in todo], reverse) if todo else None
+    for obj in objects:
         obj.tracked[frame_idx] = {"reverse": reverse}
-        per_obj.append(masks)
+    if stacked is not None and len(todo) == len(objects):
+        return stacked  # every object tracked: already one (num_obj, 1, h, w) tensor
+    if stacked is not None:
+        for row, i in enumerate(todo):
+            per_obj[i] = stacked[row:row + 1]
     return per_obj[0] if len(per_obj) == 1 else torch.cat(per_obj, dim=0)  # (num_obj, 1, h, w)
+
+
+def track_objects(model, session: VideoSession, frame_idx: int, objects: List[ObjectTrack],
+                  reverse: bool) -> Tensor:
+    """Track ``objects`` on an unprompted frame in ONE batched step; stores their outputs.
+
+    Returns their low-res mask logits (len(objects), 1, S/4, S/4) on the compute device.
+    """
+    from sam2_fast.modeling.batched_step import batch_bucket, wants_static_shapes
+
+    n = len(objects)
+    rows = batch_bucket(n) if wants_static_shapes(model) else n
+    num_frames = None if session.open_ended else session.num_frames
+    # per object: which stored memories / pointers it reads (Python only, validated first)
+    plans = [model._memory_plan(frame_idx, obj.outputs, num_frames, reverse) for obj in objects]
+    _, _, feats, pos, sizes = O.frame_features(model, session, frame_idx, batch_size=rows)
+    out = model.track_objects_step(frame_idx, feats, pos, sizes, plans, rows)
+    kept, masks = O.compact_output(model, session, out, rows=n)  # padding rows are never stored
+    for obj, row in zip(objects, O.split_rows(session, kept, n)):
+        obj.outputs[NON_COND][frame_idx] = row
+    return masks
