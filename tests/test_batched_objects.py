@@ -59,9 +59,20 @@ MANY = [
     ("points", dict(frame_idx=10, obj_id=1, points=[[60, 40], [20, 60]], labels=[1, 0], clear_old_points=False)),
     ("propagate", dict(start_frame_idx=10, max_frame_num_to_track=6)),
     ("points", dict(frame_idx=8, obj_id="late", points=[[50, 50]], labels=[1])),
-    ("propagate", dict(start_frame_idx=NUM_FRAMES - 1, reverse=True)),
+    ("propagate", dict(start_frame_idx=NUM_FRAMES - 1, reverse=True, max_frame_num_to_track=12)),
     ("remove", dict(obj_id=2)),
-    ("propagate", dict(max_frame_num_to_track=8)),
+    ("propagate", dict(max_frame_num_to_track=6)),
+]
+# for mutations (short): a correction on the second object (its frame-5 memory in its own
+# tensor, the first object's in the frame's batched one) and an object added on frame 7
+# (another conditioning frame, fewer pointers: rows with different layouts)
+MUTATION = [
+    ("points", dict(frame_idx=0, obj_id=1, points=[[30, 35]], labels=[1])),
+    ("points", dict(frame_idx=0, obj_id=2, box=[55, 8, 80, 30])),
+    ("propagate", dict(max_frame_num_to_track=9)),
+    ("points", dict(frame_idx=5, obj_id=2, points=[[60, 40], [75, 12]], labels=[1, 0], clear_old_points=False)),
+    ("points", dict(frame_idx=7, obj_id="late", points=[[50, 50]], labels=[1])),
+    ("propagate", dict(start_frame_idx=6, max_frame_num_to_track=5)),
 ]
 
 
@@ -115,7 +126,7 @@ def run(pred, clip, steps, per_object, monkeypatch):
 @pytest.fixture(scope="module")
 def oracle(models, clip):
     """Per-object recordings, computed on first use: (script, config, runtime) -> records."""
-    scripts = {"one": ONE, "many": MANY, "nine": NINE}
+    scripts = {"one": ONE, "many": MANY, "nine": NINE, "mutation": MUTATION}
     cache = {}
 
     def get(name, config, runtime=False):
@@ -141,8 +152,8 @@ def worst_error(ours, expect):
 def check(models, oracle, clip, monkeypatch, name, config, runtime=False):
     steps, expect = oracle(name, config, runtime)
     present, absent = V.presence(expect)
-    assert present > absent, f"weights must keep objects mostly present: {present} / {absent}"
-    if name == "many":  # absent objects too (no-object pointer and memory embedding)
+    assert name == "mutation" or present > absent, f"weights must keep objects mostly present: {present} / {absent}"
+    if name in ("many",):  # absent objects too (no-object pointer and memory embedding)
         assert absent > 0, f"no object is ever absent: {present} / {absent}"
     got = run(models(config, runtime), clip, steps, False, monkeypatch)
     return worst_error(got, expect)
@@ -165,3 +176,75 @@ def test_nine_objects_in_a_padded_bucket(models, oracle, clip, monkeypatch):
     bank = pred.__dict__["_fast_runtime_bank"]
     rows = {key[3] for key in bank._buffers_by_key if key[0] == "rows"}
     assert rows == {16}, f"object batches ran with {rows} rows, expected the 16-row bucket"
+
+
+def test_padding_rows_are_never_stored(models, clip):
+    """After tracking 9 objects in 16-row batches, each stored memory holds 9 rows, one per object."""
+    pred = models("sam2.1_hiera_tiny", True)
+    with torch.inference_mode():
+        state = pred.init_state(clip)
+        for _, kwargs in NINE[:-1]:
+            pred.add_new_points_or_box(state, **kwargs)
+        for _ in pred.propagate_in_video(state, max_frame_num_to_track=3):
+            pass
+    row_bytes = None
+    for obj in state.objects:
+        out = obj.outputs["non_cond_frame_outputs"][2]
+        feats = out["maskmem_features"]
+        assert feats.shape[0] == 1
+        row_bytes = feats.numel() * feats.element_size()
+        assert feats.untyped_storage().nbytes() == 9 * row_bytes, "padding rows kept alive in stored memories"
+
+
+# ------------------------------------------------------------------------------ mutations
+def _mutated(models, oracle, clip, monkeypatch, target, name, replacement):
+    steps, expect = oracle("mutation", "sam2.1_hiera_tiny")
+    monkeypatch.setattr(target, name, replacement)
+    return worst_error(run(models("sam2.1_hiera_tiny"), clip, steps, False, monkeypatch), expect)
+
+
+def test_mutation_baseline(models, oracle, clip, monkeypatch):
+    err = check(models, oracle, clip, monkeypatch, "mutation", "sam2.1_hiera_tiny")
+    print(f"mutation script: worst rel err {err:.2e}")
+    assert err <= TOL
+
+
+def test_mutation_one_valid_count_for_all_rows(models, oracle, clip, monkeypatch):
+    """Product mutation: every row gets the first row's valid key counts."""
+    import sam2_fast.modeling.memory_gather as G
+
+    real = G._key_flags
+
+    def first_row_counts(counts, *args, **kwargs):
+        return real([counts[0]] * len(counts), *args, **kwargs)
+
+    err = _mutated(models, oracle, clip, monkeypatch, G, "_key_flags", first_row_counts)
+    print(f"mutation shared valid counts: {err:.2e}")
+    assert err >= 10 * TOL, f"rows attending with another row's valid counts moved the output by only {err:.2e}"
+
+
+def test_mutation_one_layout_for_different_objects(models, oracle, clip, monkeypatch):
+    """Product mutation: objects with different memories are taken as sharing one layout
+    (no padding mask: a row with fewer frames or pointers attends to empty slots)."""
+    import sam2_fast.modeling.memory_gather as G
+
+    err = _mutated(models, oracle, clip, monkeypatch, G.MemoryPlan, "layout_key", lambda self: 0)
+    print(f"mutation shared layout: {err:.2e}")
+    assert err >= 10 * TOL, f"a shared layout for different objects moved the output by only {err:.2e}"
+
+
+def test_mutation_rows_merged_without_checking_their_storage(models, oracle, clip, monkeypatch):
+    """Product mutation: sources of a slot are merged into one copy without checking that
+    they are rows of one storage (every row then reads the first row's memory: the
+    corrected object, the late object and the others alike)."""
+    import sam2_fast.modeling.memory_gather as G
+
+    real = G._storage_rows
+
+    def any_storage(t):
+        key, _, _ = real(t)
+        return key[1:5], 0, 0  # same shape and dtype -> "the same row"
+
+    err = _mutated(models, oracle, clip, monkeypatch, G, "_storage_rows", any_storage)
+    print(f"mutation storage ignored: {err:.2e}")
+    assert err >= 10 * TOL, f"reading another object's memory moved the output by only {err:.2e}"

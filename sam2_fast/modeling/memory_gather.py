@@ -85,6 +85,13 @@ def _dense_row_size(t: Tensor) -> int:
     return expected
 
 
+def _row_stride(t: Tensor) -> int:
+    s0 = t.stride(0)
+    if t.shape[0] == 1 and s0 != 0:
+        s0 = _dense_row_size(t) or s0
+    return s0
+
+
 def _storage_rows(t: Tensor) -> Tuple[Hashable, int, int]:
     """(key of the row storage, first row, row step) of a (b, ...) tensor.
 
@@ -95,10 +102,7 @@ def _storage_rows(t: Tensor) -> Tuple[Hashable, int, int]:
     such rows that sit back to back in one storage then read as one two-row view, which is
     exactly their data whatever their own dim-0 strides say.
     """
-    off = t.storage_offset()
-    s0 = t.stride(0)
-    if t.shape[0] == 1 and s0 != 0:
-        s0 = _dense_row_size(t) or s0
+    off, s0 = t.storage_offset(), _row_stride(t)
     inner = (t.untyped_storage().data_ptr(), t.device, t.dtype, tuple(t.shape[1:]), t.stride()[1:])
     if s0 == 0:
         return inner + (0, off), 0, 0
@@ -132,7 +136,8 @@ def _runs(entries: List[Tuple[int, int, Tensor, Hashable]]) -> List[Tuple[int, i
         elif mode == "bcast":
             view = src[:1].expand(n, *src.shape[1:])
         else:
-            s0, base_off = key[5], key[6]
+            s0 = _row_stride(src)
+            base_off = src.storage_offset() - _storage_rows(src)[1] * s0
             view = src.as_strided((n,) + tuple(src.shape[1:]), (s0,) + tuple(src.stride()[1:]), base_off + first * s0)
         out.append((row, n, view, extra))
     return out
