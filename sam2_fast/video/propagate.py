@@ -19,6 +19,13 @@ from sam2_fast.video.prompts import check_frame_idx
 from sam2_fast.video.state import COND, NON_COND, FrameOutput, ObjectTrack, PointPrompt, VideoSession
 
 
+# Testing and benchmarks only: track each object on its own with the official
+# ``track_step`` (batch 1, as the reference predictor does) instead of the batched step
+# (prompted-frame memories encoded one object at a time too).
+# The exactness tests compare the two; ``sam2-fast bench`` reports both.
+TRACK_PER_OBJECT = False
+
+
 def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is_init_cond_frame: bool,
               point_inputs: Optional[PointPrompt], mask_inputs: Optional[Tensor], reverse: bool,
               run_mem_encoder: bool, prev_sam_mask_logits: Optional[Tensor] = None) -> Tuple[FrameOutput, Tensor]:
@@ -93,7 +100,9 @@ def preflight(model, session: VideoSession) -> None:
                 if out["maskmem_features"] is None:
                     to_encode.setdefault(frame_idx, []).append(out)
     for frame_idx in sorted(to_encode):  # one memory-encoder call per prompted frame
-        encode_memories(model, session, frame_idx, to_encode[frame_idx])
+        outs = to_encode[frame_idx]
+        for group in ([[o] for o in outs] if TRACK_PER_OBJECT else [outs]):
+            encode_memories(model, session, frame_idx, group)
     clear = clears_around_input(model, session)
     for obj in session.objects:
         for key in (NON_COND, COND):
@@ -187,12 +196,6 @@ def propagate(model, session: VideoSession, start_frame_idx: Optional[int] = Non
         if prune:
             drop_unreachable(model, session, frame_idx + 1)
         yield frame_idx, obj_ids, video_masks
-
-
-# Testing and benchmarks only: track each object on its own with the official
-# ``track_step`` (batch 1, as the reference predictor does) instead of the batched step.
-# The exactness tests compare the two; ``sam2-fast bench`` reports both.
-TRACK_PER_OBJECT = False
 
 
 def track_frame(model, session: VideoSession, frame_idx: int, reverse: bool, clear: bool,
