@@ -109,6 +109,11 @@ def _storage_rows(t: Tensor) -> Tuple[Hashable, int, int]:
     return inner + (s0, off % s0), off // s0, 1
 
 
+def row_storage(t: Tensor) -> Hashable:
+    """Key of the strided row storage a (b, ...) tensor reads (equal for rows of one tensor)."""
+    return _storage_rows(t)[0]
+
+
 def _runs(entries: List[Tuple[int, int, Tensor, Hashable]]) -> List[Tuple[int, int, Tensor, Hashable]]:
     """Merge (bank row, rows, source, extra) entries into runs of consecutive bank rows that
     read one storage, either consecutive rows of it or one row for all (broadcast); entries
