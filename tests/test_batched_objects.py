@@ -63,6 +63,13 @@ MANY = [
     ("remove", dict(obj_id=2)),
     ("propagate", dict(max_frame_num_to_track=6)),
 ]
+# SAM 2.0 (its own pointer / temporal-encoding rules): two objects prompted on different
+# frames (19 and 10: different layouts, padded rows), tracked in reverse over the clip
+TWO_REVERSE = [
+    ("points", dict(frame_idx=NUM_FRAMES - 1, obj_id=1, points=[[75, 40]], labels=[1])),
+    ("points", dict(frame_idx=10, obj_id=2, box=[55, 8, 80, 30])),
+    ("propagate", dict(start_frame_idx=NUM_FRAMES - 1, reverse=True)),
+]
 # for mutations (short): a correction on the second object (its frame-5 memory in its own
 # tensor, the first object's in the frame's batched one) and an object added on frame 7
 # (another conditioning frame, fewer pointers: rows with different layouts)
@@ -126,7 +133,7 @@ def run(pred, clip, steps, per_object, monkeypatch):
 @pytest.fixture(scope="module")
 def oracle(models, clip):
     """Per-object recordings, computed on first use: (script, config, runtime) -> records."""
-    scripts = {"one": ONE, "many": MANY, "nine": NINE, "mutation": MUTATION}
+    scripts = {"one": ONE, "many": MANY, "nine": NINE, "two_reverse": TWO_REVERSE, "mutation": MUTATION}
     cache = {}
 
     def get(name, config, runtime=False):
@@ -153,14 +160,14 @@ def check(models, oracle, clip, monkeypatch, name, config, runtime=False):
     steps, expect = oracle(name, config, runtime)
     present, absent = V.presence(expect)
     assert name == "mutation" or present > absent, f"weights must keep objects mostly present: {present} / {absent}"
-    if name in ("many",):  # absent objects too (no-object pointer and memory embedding)
+    if name in ("many", "two_reverse"):  # absent objects too (no-object pointer and memory embedding)
         assert absent > 0, f"no object is ever absent: {present} / {absent}"
     got = run(models(config, runtime), clip, steps, False, monkeypatch)
     return worst_error(got, expect)
 
 
 @pytest.mark.parametrize("name,config", [("one", "sam2.1_hiera_tiny"), ("many", "sam2.1_hiera_tiny"),
-                                         ("many", "sam2_hiera_tiny")])
+                                         ("two_reverse", "sam2_hiera_tiny")])
 def test_batched_equals_per_object(models, oracle, clip, monkeypatch, name, config):
     err = check(models, oracle, clip, monkeypatch, name, config)
     print(f"{name} {config}: worst rel err {err:.2e}")
