@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from sam2_fast.modeling.memory_gather import MemoryPlan, PaddedMemory, build_memory
+from sam2_fast.profiling import stage
 
 COUNTERS: collections.Counter = collections.Counter()
 
@@ -136,7 +137,8 @@ def track_objects_step(model, frame_idx: int, vision_feats: List[Tensor], vision
     high_res = None
     if len(vision_feats) > 1:
         high_res = [_seq_to_map(x, s) for x, s in zip(vision_feats[:-1], feat_sizes[:-1])]
-    pix = conditioned_features(model, frame_idx, vision_feats[-1], vision_pos[-1], feat_sizes[-1], plans, rows)
+    with stage("memory_attention"):  # gather + attention, as the reference's stage holds both
+        pix = conditioned_features(model, frame_idx, vision_feats[-1], vision_pos[-1], feat_sizes[-1], plans, rows)
     sam = model._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,
                                    high_res_features=high_res, multimask_output=model._use_multimask(False, None))
     low_res, high_res_masks, obj_ptr, score_logits = sam[3:]
