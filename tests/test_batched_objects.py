@@ -229,6 +229,31 @@ def test_removing_an_object_frees_its_rows(models, clip):
                         f"object {o.obj_id} frame {t} {k}: the removed object's row is still held"
 
 
+class _StandIn(torch.nn.Module):
+    """A memory attention that is not sam2_fast's (as a user's or the reference's module):
+    it only has the official call, no key masks."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_stand_in_memory_attention_with_different_layouts(models, oracle, clip, monkeypatch):
+    """Rows with different layouts and a module without key masks: attended row by row."""
+    from sam2_fast.modeling import batched_step
+
+    pred = models("sam2.1_hiera_tiny")
+    monkeypatch.setattr(pred, "memory_attention", _StandIn(pred.memory_attention))
+    before = batched_step.COUNTERS["rows attended one at a time (foreign memory attention)"]
+    err = check(models, oracle, clip, monkeypatch, "mutation", "sam2.1_hiera_tiny")
+    used = batched_step.COUNTERS["rows attended one at a time (foreign memory attention)"] - before
+    print(f"stand-in memory attention: worst rel err {err:.2e}, {used} frames row by row")
+    assert used > 0 and err <= TOL
+
+
 # ------------------------------------------------------------------------------ mutations
 def _mutated(models, oracle, clip, monkeypatch, target, name, replacement):
     steps, expect = oracle("mutation", "sam2.1_hiera_tiny")

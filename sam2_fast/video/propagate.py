@@ -1,8 +1,10 @@
-"""Tracking: one frame for one object, the pre-tracking merge of prompts, the frame loop.
+"""Tracking: prompts on one object, the pre-tracking merge of prompts, the frame loop.
 
-Memory selection itself (which past frames and pointers a frame attends to, and their
-temporal encodings) lives in ``SAM2Base.track_step``; this module decides which outputs
-exist and where they are stored.
+A tracked frame runs ONE batched step for all objects that need it (``track_objects``:
+``SAM2Base.track_objects_step``); a prompt runs ``track_step`` for its object. Memory
+selection itself (which past frames and pointers a frame attends to, and their temporal
+encodings) lives in ``SAM2Base._memory_plan``; this module decides which outputs exist
+and where they are stored.
 """
 
 from __future__ import annotations
