@@ -185,6 +185,30 @@ def test_nine_objects_in_a_padded_bucket(models, oracle, clip, monkeypatch):
     assert rows == {16}, f"object batches ran with {rows} rows, expected the 16-row bucket"
 
 
+def test_nine_objects_through_graph_bookkeeping(models, oracle, clip, monkeypatch):
+    """The same 16-row steps replayed through GraphedStep (CPU stand-in for CUDA graphs,
+    test_runtime.ReplayByRerun): the bank's per-row buffers are read in place, the key
+    flags rewritten before every replay."""
+    from test_runtime import ReplayByRerun
+
+    from sam2_fast.runtime.graphs import install_graphs
+
+    pred = models("sam2.1_hiera_tiny", True)
+    counters = pred.runtime_info["counters"]
+    steps, undo = install_graphs(pred, pred.__dict__["_fast_runtime_bank"], counters, backend=ReplayByRerun())
+    try:
+        err = check(models, oracle, clip, monkeypatch, "nine", "sam2.1_hiera_tiny", runtime=True)
+    finally:
+        for fn in reversed(undo):
+            fn()
+    print(f"nine objects, graphed bucket 16: worst rel err {err:.2e}; {dict(counters)}")
+    assert err <= TOL
+    assert counters["graph_replays[memory_attention]"] > counters["graph_captures[memory_attention]"] >= 1
+    # prompted-frame memories go through the tracking bucket: one memory-encoder shape
+    assert counters["graph_captures[memory_encoder]"] == 1
+    assert not any(k.startswith("graph_capture_failed") for k in counters)
+
+
 def test_padding_rows_are_never_stored(models, clip):
     """After tracking 9 objects in 16-row batches, each stored memory holds 9 rows, one per object."""
     pred = models("sam2.1_hiera_tiny", True)
@@ -196,11 +220,12 @@ def test_padding_rows_are_never_stored(models, clip):
             pass
     row_bytes = None
     for obj in state.objects:
-        out = obj.outputs["non_cond_frame_outputs"][2]
-        feats = out["maskmem_features"]
-        assert feats.shape[0] == 1
-        row_bytes = feats.numel() * feats.element_size()
-        assert feats.untyped_storage().nbytes() == 9 * row_bytes, "padding rows kept alive in stored memories"
+        # a tracked frame, and the prompted frame (its memories encoded in the 16-row bucket too)
+        for out in (obj.outputs["non_cond_frame_outputs"][2], obj.outputs["cond_frame_outputs"][0]):
+            feats = out["maskmem_features"]
+            assert feats.shape[0] == 1
+            row_bytes = feats.numel() * feats.element_size()
+            assert feats.untyped_storage().nbytes() == 9 * row_bytes, "padding rows kept alive in stored memories"
 
 
 def test_removing_an_object_frees_its_rows(models, clip):

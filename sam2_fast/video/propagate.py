@@ -50,12 +50,21 @@ def encode_memories(model, session: VideoSession, frame_idx: int, outs: List[Fra
     """Memories of prompted frames, encoded from their final (possibly edited) masks: all
     objects prompted on ``frame_idx`` in one memory-encoder call, stored as row views of
     one tensor (so tracking copies this conditioning slot for all of them at once)."""
+    from sam2_fast.modeling.batched_step import batch_bucket, wants_static_shapes
+
     n = len(outs)
-    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=n)
+    # the tracking buckets here too: the memory encoder's compiled code / graph of the
+    # bucket is shared with tracking instead of one more shape per object count
+    rows = batch_bucket(n) if wants_static_shapes(model) else n
+    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=rows)
     image_hw = (model.image_size, model.image_size)
-    low_res = torch.cat([out["pred_masks"].to(session.device) for out in outs]) if n > 1 else \
-        outs[0]["pred_masks"].to(session.device)
-    scores = torch.cat([out["object_score_logits"] for out in outs]) if n > 1 else outs[0]["object_score_logits"]
+    low_res = [out["pred_masks"].to(session.device) for out in outs]
+    scores = [out["object_score_logits"] for out in outs]
+    if rows > n:  # padding rows: an empty mask, never stored
+        low_res.append(low_res[0].new_full((rows - n,) + tuple(low_res[0].shape[1:]), -1024.0))
+        scores.append(scores[0].new_full((rows - n,) + tuple(scores[0].shape[1:]), -1024.0))
+    low_res = torch.cat(low_res) if len(low_res) > 1 else low_res[0]
+    scores = torch.cat(scores) if len(scores) > 1 else scores[0]
     features, pos_enc = model._encode_new_memory(
         current_vision_feats=feats,
         feat_sizes=sizes,
@@ -64,7 +73,9 @@ def encode_memories(model, session: VideoSession, frame_idx: int, outs: List[Fra
         is_mask_from_pts=True,  # prompted frames: the user vouched for this mask
         separate_objects=True,  # each row its own object, as when encoded one by one
     )
-    stored = O.store_memory(session, features)
+    stored = O.store_memory(session, features[:n])
+    if rows > n and stored.data_ptr() == features.data_ptr():
+        stored = stored.clone()  # a view would keep the padding rows alive
     O.shared_pos_enc(session, pos_enc)
     for out, row in zip(outs, stored.split(1) if n > 1 else (stored,)):
         out["maskmem_features"] = row
