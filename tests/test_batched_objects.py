@@ -279,6 +279,27 @@ def test_stand_in_memory_attention_with_different_layouts(models, oracle, clip, 
     assert used > 0 and err <= TOL
 
 
+def test_pickled_session_keeps_one_tensor_per_frame(models, clip):
+    """pickle would give every object's row view its own copy of the frame's whole tensor;
+    the session repacks them on load (same values, same bytes as before)."""
+    import pickle
+
+    pred = models("sam2.1_hiera_tiny")
+    with torch.inference_mode():
+        state = pred.init_state(clip)
+        for _, kwargs in _objects(3):
+            pred.add_new_points_or_box(state, **kwargs)
+        for _ in pred.propagate_in_video(state, max_frame_num_to_track=3):
+            pass
+    loaded = pickle.loads(pickle.dumps(state))
+    for t in range(1, 4):
+        rows = [o.outputs["non_cond_frame_outputs"][t]["maskmem_features"] for o in loaded.objects]
+        assert len({r.untyped_storage().data_ptr() for r in rows}) == 1, f"frame {t}: rows in separate tensors"
+        for a, b in zip(rows, [o.outputs["non_cond_frame_outputs"][t]["maskmem_features"] for o in state.objects]):
+            assert torch.equal(a, b)
+    assert loaded.tensor_bytes() <= state.tensor_bytes()
+
+
 # ------------------------------------------------------------------------------ mutations
 def _mutated(models, oracle, clip, monkeypatch, target, name, replacement):
     steps, expect = oracle("mutation", "sam2.1_hiera_tiny")

@@ -128,10 +128,15 @@ def split_rows(session: VideoSession, batched: FrameOutput, n: int) -> List[Fram
 
 
 def repack_rows(session: VideoSession) -> int:
-    """Give up storage of objects that are gone (``remove_object``): where the remaining
-    objects' outputs of a frame are row views of a tensor with more rows than they use,
-    copy their rows into a tensor of their own (still one per frame, so tracking keeps
-    reading them in one op). Returns the number of tensors repacked."""
+    """One tensor per frame and output key holding exactly the live objects' rows.
+
+    Objects tracked together keep a frame's outputs as row views of one tensor. After
+    ``remove_object`` those tensors still hold the removed object's rows, and after
+    ``pickle`` every view comes back with its own copy of the whole tensor (pickle does not
+    keep views of one storage together): both are repacked here, in object order, so the
+    memory is released and tracking again copies each slot for all objects in one op.
+    Returns the number of tensors repacked.
+    """
     from sam2_fast.modeling.memory_gather import row_storage
 
     frames: Dict[Tuple[str, int], List[FrameOutput]] = {}
@@ -140,22 +145,25 @@ def repack_rows(session: VideoSession) -> int:
             for t, out in table.items():
                 frames.setdefault((table_name, t), []).append(out)
     repacked = 0
-    for outs in frames.values():
-        for key in ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits"):
-            groups: Dict[Any, List[FrameOutput]] = {}
-            for out in outs:
-                value = out.get(key)
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 1:
-                    groups.setdefault(row_storage(value), []).append(out)
-            for members in groups.values():
-                rows = [m[key] for m in members]
-                used = sum(r.numel() * r.element_size() for r in rows)
-                if rows[0].untyped_storage().nbytes() <= used:
-                    continue  # nothing but live rows in this storage
-                packed = torch.cat(rows) if len(rows) > 1 else rows[0].clone()
-                for m, row in zip(members, packed.split(1)):
-                    m[key] = row
-                repacked += 1
+    with torch.no_grad():
+        for outs in frames.values():
+            for key in ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits"):
+                groups: Dict[Any, List[FrameOutput]] = {}
+                for out in outs:
+                    value = out.get(key)
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 1:
+                        like = (tuple(value.shape), value.dtype, value.device)
+                        groups.setdefault(like, []).append(out)
+                for members in groups.values():
+                    rows = [m[key] for m in members]
+                    used = sum(r.numel() * r.element_size() for r in rows)
+                    if (len({row_storage(r) for r in rows}) == 1
+                            and rows[0].untyped_storage().nbytes() == used):
+                        continue  # already one tensor of exactly these rows
+                    packed = torch.cat(rows) if len(rows) > 1 else rows[0].clone()
+                    for m, row in zip(members, packed.split(1)):
+                        m[key] = row
+                    repacked += 1
     return repacked
 
 
