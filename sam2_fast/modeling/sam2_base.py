@@ -176,6 +176,8 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         pointers with their temporal offsets. One plan per object; ``memory_gather`` stacks
         the plans of all objects of a step into one bank.
         """
+        if self.num_maskmem == 0:  # memory disabled (plain SAM): nothing is read
+            return MemoryPlan(frame_idx, (), (), 0, 1)
         cond = output_dict["cond_frame_outputs"]
         if len(cond) == 0:
             raise ValueError(f"frame {frame_idx} is tracked (not an initial conditioning frame) but "
