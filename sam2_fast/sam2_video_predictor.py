@@ -271,6 +271,8 @@ class SAM2VideoPredictor(SAM2Base):
         for frame_idx in prompted:
             self.clear_all_prompts_in_frame(session, frame_idx, obj_id, need_output=False)
         del session.objects[slot]  # later objects move down one slot
+        # frames tracked together store all objects' rows in one tensor: free the removed one's
+        O.repack_rows(session)
         updated = []
         if need_output:
             # other objects may show more of themselves where the removed one was prompted

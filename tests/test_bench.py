@@ -223,3 +223,23 @@ def test_bench_and_profile_on_cuda(tmp_path):
     out = profile.run(pargs, log=lambda *a: None)
     assert out["summary"]["profiler"]["device_launches_per_frame"] > 0
     assert os.path.isdir(out["out_dir"]) and os.sep + "cpu" + os.sep not in out["out_dir"]
+
+
+def test_per_object_table_reports_cost_per_object():
+    from sam2_fast.bench.report import per_object_table
+
+    def case(n, ms_ours, ms_ref):
+        return {"case": {"objects": n}, "rows": [
+            {"key": "eager-fp32", "status": "ok", "fps": 1e3 / ms_ours, "p50_ms": ms_ours},
+            {"key": "ref-eager-fp32", "status": "ok", "fps": 1e3 / ms_ref, "p50_ms": ms_ref},
+            {"key": "cuda-graphs", "status": "n/a"}]}
+
+    table = per_object_table([case(8, 120.0, 800.0), case(1, 100.0, 100.0)])
+    lines = table.splitlines()
+    assert lines[0].split() == ["row", "objects", "frames/s", "p50", "ms/frame", "ms", "per", "object", "x", "vs",
+                                "fewest"]
+    rows = [l.split() for l in lines[2:]]
+    assert rows == [["eager-fp32", "1", "10.00", "100.0", "100.00", "1.00"],
+                    ["eager-fp32", "8", "8.33", "120.0", "15.00", "1.20"],
+                    ["ref-eager-fp32", "1", "10.00", "100.0", "100.00", "1.00"],
+                    ["ref-eager-fp32", "8", "1.25", "800.0", "100.00", "8.00"]]

@@ -115,7 +115,8 @@ def test_vos_optimized_two_objects_reverse_and_correction(clip, monkeypatch):
     err = rel_err(script(fast), script(build_predictor(False)))
     counters = fast.runtime_info["counters"]
     print(f"two objects, reverse + correction: rel err {err:.2e}; {dict(counters)}")
-    assert err <= TRACK_TOL and counters["bank_calls"] > 20 and counters["bank_fallbacks"] == 0
+    # one bank call per tracked frame for both objects (batched): 14 frames tracked
+    assert err <= TRACK_TOL and counters["bank_calls"] >= 14 and counters["bank_fallbacks"] == 0
 
 
 def test_vos_optimized_tracking_notices_a_broken_bank(clip, eager_logits):

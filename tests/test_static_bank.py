@@ -180,3 +180,37 @@ def test_compiled_bank_and_memory_encoder_match_eager(mem_attn):
         compiled = torch.compile(enc.forward, backend="aot_eager", fullgraph=True, dynamic=False)
         got = compiled(pix, mask)["vision_features"]
     assert rel_err(got, want) <= BANK_TOL
+
+
+# ----------------------------------------------------------------------------- per-row layouts
+def test_padded_attention_with_a_layout_per_row(mem_attn):
+    """Objects batched with different memories: each row its own frames and pointers in one
+    padded (B, Nk) bank with (B, Nk) key flags equals each row's unpadded attention."""
+    side, rows = 8, [(1, 6, 16), (2, 0, 2), (1, 1, 0), (3, 6, 16)]  # (cond, recent, ptrs) per row
+    hw = side * side
+    bank = make_bank(mem_attn)
+    frames = bank.frame_buckets[-1]
+    spatial, total = bank.layout(frames, hw)
+    mem = torch.zeros(len(rows), total, 64)
+    mem_pos = torch.zeros(len(rows), total, 64)
+    key_ok = torch.zeros(len(rows), total, dtype=torch.bool)
+    curr_rows, pos_rows, expect = [], [], []
+    for r, (cond, recent, ptrs) in enumerate(rows):
+        curr, memory, curr_pos, memory_pos, n_ptr = memory_inputs(side, cond + recent, ptrs, batch=1, seed=r)
+        n_sp = memory.shape[0] - n_ptr
+        mem[r, :n_sp], mem_pos[r, :n_sp] = memory[:n_sp, 0], memory_pos[:n_sp, 0]
+        mem[r, spatial:spatial + n_ptr], mem_pos[r, spatial:spatial + n_ptr] = memory[n_sp:, 0], memory_pos[n_sp:, 0]
+        key_ok[r, :n_sp] = True
+        key_ok[r, spatial:spatial + n_ptr] = True
+        curr_rows.append(curr)
+        pos_rows.append(curr_pos)
+        with torch.inference_mode():
+            expect.append(bank.plain(curr, memory, curr_pos=curr_pos, memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr))
+    ranges = sb.key_ranges(key_ok, spatial, len(rows))
+    assert ranges.tolist() == [[0, (c + f) * hw, spatial, spatial + 4 * p] for c, f, p in rows]
+    with torch.inference_mode():
+        out = sb.padded_attention(mem_attn, torch.cat(curr_rows, 1), torch.cat(pos_rows, 1), mem, mem_pos,
+                                  key_ok, spatial)
+    errs = [rel_err(out[:, r:r + 1], expect[r]) for r in range(len(rows))]
+    print(f"per-row layouts: rel errs {['%.1e' % e for e in errs]}")
+    assert max(errs) <= BANK_TOL

@@ -191,8 +191,18 @@ def test_network_parity_fp32_memory_bank(ref_runs, clip_dir, script):
 
 
 @pytest.mark.parametrize("script", ["many", "mask_reverse"])
-def test_tracking_rules_exact_with_bf16_memories(ref_runs, clip_dir, script):
-    """With the reference's submodules our predictor reproduces the reference to rounding."""
+def test_tracking_rules_exact_with_bf16_memories(ref_runs, clip_dir, script, monkeypatch):
+    """With the reference's submodules our predictor reproduces the reference to rounding.
+
+    Objects are tracked one at a time here (``TRACK_PER_OBJECT``, the reference's own
+    loop): batched, the memory encoder's convolutions at batch 2-3 round differently from
+    batch 1 on this CPU (up to 2.4e-6 absolute, measured), which bf16 memory storage turns
+    into 4e-3 steps (1.2e-5 after two frames). Both paths share the memory plan and the
+    bank builder; batched vs per-object is checked in fp32 in test_batched_objects.py.
+    """
+    import sam2_fast.video.propagate as T
+
+    monkeypatch.setattr(T, "TRACK_PER_OBJECT", True)
     pair, steps, expect = ref_runs(script, False)
     _check_presence(expect)
     twin = _shared_modules(*pair)

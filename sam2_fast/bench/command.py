@@ -161,6 +161,8 @@ def run(args: argparse.Namespace, log=print) -> List[Dict[str, object]]:
         paths = report.write(out_dir, stem, meta, case_dict, floor, results)
         log(f"wrote {paths['json']} and {paths['csv']}")
         all_results.append({"case": case_dict, "rows": results, "floor": floor, "paths": paths})
+    if len(counts) > 1:
+        log("\nper-object cost (p50 per tracked frame):\n" + report.per_object_table(all_results))
     return all_results
 
 

@@ -54,6 +54,30 @@ def main_table(rows: List[Dict[str, Any]]) -> str:
     return _table(header, lines)
 
 
+def per_object_table(cases: List[Dict[str, Any]]) -> str:
+    """Per-object cost across the object counts of one run (``--objects 1,8``): for every
+    row, ms per frame and per object-frame, and the frame cost relative to the fewest
+    objects (batched tracking: near 1x while the GPU has room; per-object loops: ~N x)."""
+    header = ("row", "objects", "frames/s", "p50 ms/frame", "ms per object", "x vs fewest")
+    lines = []
+    keys: List[str] = []
+    for case in cases:
+        for r in case["rows"]:
+            if r.get("status") == "ok" and r["key"] not in keys:
+                keys.append(r["key"])
+    for key in keys:
+        base = None
+        for case in sorted(cases, key=lambda c: c["case"]["objects"]):
+            n = case["case"]["objects"]
+            r = next((r for r in case["rows"] if r["key"] == key and r.get("status") == "ok"), None)
+            if r is None or r.get("p50_ms") is None:
+                continue
+            ms = r["p50_ms"]
+            base = ms if base is None else base
+            lines.append((key, str(n), _fmt(r.get("fps"), 2), _fmt(ms), _fmt(ms / n, 2), _fmt(ms / base, 2)))
+    return _table(header, lines)
+
+
 def stage_table(rows: List[Dict[str, Any]], floor: Dict[str, Any]) -> str:
     """Per stage: GFLOP/frame and floor ms, then each row's ms (% of floor)."""
     flops = floor.get("stage_flops") or {}

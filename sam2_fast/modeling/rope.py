@@ -175,7 +175,8 @@ def rope_attention_core(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
         out = kernel_gate.dispatch().memory_attention_vspace(qf, kf, vf)
         return out.view(b, h, nq, v.shape[-1])
     if key_mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask.view(1, 1, 1, -1), dropout_p=dropout_p)
+        mask = key_mask.view(-1, 1, 1, key_mask.shape[-1])  # (1 or B, 1, 1, Nk): per row or shared
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return _tf.attention_core(q, k, v, dropout_p=dropout_p)
 
 
@@ -232,11 +233,13 @@ class RoPEAttention(Attention):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, num_k_exclude_rope: int = 0,
                 key_mask: Optional[Tensor] = None, key_ranges: Optional[Tensor] = None) -> Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, kv_in_dim); the last ``num_k_exclude_rope`` keys skip RoPE.
-        key_mask: None or (Nk,) bool, True where a key takes part (padded static banks);
+        key_mask: None, (Nk,) or (B, Nk) bool, True where a key takes part (padded banks; per row
+        when objects of one batch have their own memory layouts);
         key_ranges: None or (B, 4) int32, the same keys as two ranges (lets the kernel take it)."""
-        if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (k.shape[1],)):
-            raise ValueError(f"key_mask must be a ({k.shape[1]},) bool tensor, got {tuple(key_mask.shape)} "
-                             f"{key_mask.dtype}")
+        if key_mask is not None and (key_mask.dtype != torch.bool
+                                     or key_mask.shape not in ((k.shape[1],), (k.shape[0], k.shape[1]))):
+            raise ValueError(f"key_mask must be a ({k.shape[1]},) or ({k.shape[0]}, {k.shape[1]}) bool tensor, "
+                             f"got {tuple(key_mask.shape)} {key_mask.dtype}")
         if self.uses_value_space(q, key_mask):
             return self._forward_value_space(q, k, v, num_k_exclude_rope, key_mask, key_ranges)
         qh, kh, vh = self._project(q, k, v)  # (B, heads, N, D)
@@ -258,6 +261,8 @@ class RoPEAttention(Attention):
         vals = m.to(qh.dtype) if not torch.is_autocast_enabled(m.device.type) else m
         vals = vals.unsqueeze(1).expand(b, heads, nk, kv_in).reshape(b * heads, nk, kv_in)
         ranges = None if key_ranges is None or heads == 1 else key_ranges.repeat_interleave(heads, 0)
+        if key_mask is not None and key_mask.dim() == 2 and heads > 1:  # per-row masks follow the heads
+            key_mask = key_mask.repeat_interleave(heads, 0)
         out = value_space.attend_value_space(qh.reshape(b * heads, nq, -1), kh.reshape(b * heads, nk, -1),
                                              vals, key_mask, ranges)  # (B*heads, Nq, kv_in)
         out = out.view(b, heads, nq, kv_in).transpose(1, 2).reshape(b, nq, heads * kv_in)

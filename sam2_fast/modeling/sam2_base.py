@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sam2_fast.config import SAM2Config
 from sam2_fast.modeling.common import MLP
+from sam2_fast.modeling.memory_gather import MemoryPlan, PointerSource, SlotSource, build_memory
 from sam2_fast.modeling.memory_select import (
     memory_slot_frames,
     non_overlapping_logits,
@@ -183,16 +184,17 @@ class SAM2Base(SamHeadsMixin, nn.Module):
             return build(device)
         return build(torch.device("cpu")).pin_memory().to(device, non_blocking=True)
 
-    def _gather_memory(self, frame_idx: int, like: Tensor, output_dict: Mapping[str, Mapping[int, dict]],
-                       num_frames: Optional[int], track_in_reverse: bool) -> Tuple[Tensor, Tensor, int]:
-        """Memory tokens, their position encodings (both (M, B, mem_dim)) and the pointer count.
+    def _memory_plan(self, frame_idx: int, output_dict: Mapping[str, Mapping[int, dict]],
+                     num_frames: Optional[int], track_in_reverse: bool) -> MemoryPlan:
+        """Which stored memories and pointers the frame attends to (plain Python, no tensor op).
 
-        Tokens are written straight into one preallocated buffer (no per-frame temporaries
-        plus concatenation) in the compute dtype: that of ``like`` (the current features)
-        promoted with the parameters'. bf16-stored memories are upcast exactly on the way
-        in, so fp32 inference never meets a bf16 memory, and under autocast the values equal
-        the official concatenation's.
+        Conditioning frames sit at t_pos 0 (up to ``max_cond_frames_in_attn`` of them, the
+        closest), recent tracked frames fill t_pos 1 .. num_maskmem - 1, then the object
+        pointers with their temporal offsets. One plan per object; ``memory_gather`` stacks
+        the plans of all objects of a step into one bank.
         """
+        if self.num_maskmem == 0:  # memory disabled (plain SAM): nothing is read
+            return MemoryPlan(frame_idx, (), (), 0, 1)
         cond = output_dict["cond_frame_outputs"]
         if len(cond) == 0:
             raise ValueError(f"frame {frame_idx} is tracked (not an initial conditioning frame) but "
@@ -201,14 +203,15 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         attended, left_out = select_closest_cond_frames(frame_idx, cond, self.max_cond_frames_in_attn)
         stride = 1 if self.training else self.memory_temporal_stride_for_eval
 
-        # conditioning frames sit at t_pos 0; recent frames fill slots 1 .. num_maskmem - 1
-        slots: List[Tuple[int, dict]] = [(0, out) for out in attended.values()]
+        chosen: List[Tuple[int, int, dict]] = [(t, 0, out) for t, out in attended.items()]
         for t_pos, t in memory_slot_frames(frame_idx, self.num_maskmem, stride, track_in_reverse):
             out = non_cond.get(t)
             if out is None:
                 out = left_out.get(t)  # a conditioning frame left out of attention still counts
             if out is not None:
-                slots.append((t_pos, out))
+                chosen.append((t, t_pos, out))
+        slots = tuple(SlotSource(t, t_pos, out["maskmem_features"], out["maskmem_pos_enc"][-1])
+                      for t, t_pos, out in chosen)
 
         ptr_srcs: List[Tuple[int, dict]] = []
         max_ptrs = self.max_obj_ptrs_in_encoder
@@ -219,40 +222,28 @@ class SAM2Base(SamHeadsMixin, nn.Module):
                 frame_idx, attended, left_out, non_cond, num_frames, max_ptrs, track_in_reverse,
                 past_only=self.only_obj_ptrs_in_the_past_for_eval and not self.training,
                 signed=self.use_signed_tpos_enc_to_obj_ptrs)
+        pointers = tuple(PointerSource(off, out["obj_ptr"]) for off, out in ptr_srcs)
+        batch = slots[0].features.shape[0] if slots else (pointers[0].obj_ptr.shape[0] if pointers else 1)
+        return MemoryPlan(frame_idx, slots, pointers, max_ptrs, batch)
 
-        batch, dim, device = like.size(1), self.mem_dim, like.device
-        per_ptr = self.hidden_dim // dim  # a pointer becomes this many memory tokens
-        sizes = [out["maskmem_features"].shape[-2] * out["maskmem_features"].shape[-1] for _, out in slots]
-        num_ptr_tokens = len(ptr_srcs) * per_ptr
-        total = sum(sizes) + num_ptr_tokens
+    def _gather_memory(self, frame_idx: int, like: Tensor, output_dict: Mapping[str, Mapping[int, dict]],
+                       num_frames: Optional[int], track_in_reverse: bool) -> Tuple[Tensor, Tensor, int]:
+        """Memory tokens, their position encodings (both (M, B, mem_dim)) and the pointer count.
+
+        The batched bank of ``memory_gather`` with one plan (all B rows share the output
+        dict): tokens are copied straight into one preallocated buffer in the compute dtype,
+        that of ``like`` (the current features) promoted with the parameters'. bf16-stored
+        memories are upcast exactly on the way in, so fp32 inference never meets a bf16
+        memory, and under autocast the values equal the official concatenation's.
+        """
+        plan = self._memory_plan(frame_idx, output_dict, num_frames, track_in_reverse)
         dtype = torch.promote_types(like.dtype, self.maskmem_tpos_enc.dtype)
-        memory = torch.empty(total, batch, dim, dtype=dtype, device=device)
-        memory_pos = torch.empty(total, batch, dim, dtype=dtype, device=device)
-
-        start = 0
-        for (t_pos, out), n in zip(slots, sizes):
-            stop = start + n
-            # copy_ casts (e.g. bf16 storage) and moves offloaded CPU memories to the device
-            memory[start:stop].copy_(out["maskmem_features"].flatten(2).permute(2, 0, 1), non_blocking=True)
-            spatial = out["maskmem_pos_enc"][-1].to(device).flatten(2).permute(2, 0, 1)  # (n, B, dim)
-            # slot table is stored newest-last: t_pos 0 (conditioning) reads the last row
-            # (in-place on the buffer slice rather than out=, which autograd refuses)
-            memory_pos[start:stop].copy_(spatial).add_(self.maskmem_tpos_enc[self.num_maskmem - 1 - t_pos])
-            start = stop
-
-        if ptr_srcs:
-            num_ptr = len(ptr_srcs)
-            ptrs = torch.stack([out["obj_ptr"] for _, out in ptr_srcs])  # (P, B, C)
-            # a C-wide pointer is cut into per_ptr tokens of width mem_dim, pointer-major
-            memory[start:].view(num_ptr, per_ptr, batch, dim).copy_(
-                ptrs.view(num_ptr, batch, per_ptr, dim).transpose(1, 2))
-            ptr_pos = memory_pos[start:].view(num_ptr, per_ptr, batch, dim)
-            if self.add_tpos_enc_to_obj_ptrs:
-                tpos = self._get_tpos_enc([off for off, _ in ptr_srcs], device, max_abs_pos=max_ptrs)
-                ptr_pos.copy_(tpos[:, None, None, :])  # same encoding for all tokens of a pointer
-            else:
-                ptr_pos.zero_()
-        return memory, memory_pos, num_ptr_tokens
+        batch = like.size(1)
+        if plan.batch != batch:
+            raise ValueError(f"stored memories hold {plan.batch} rows but the current features {batch}")
+        bank = build_memory(self, [plan], batch, like.size(0), dtype, like.device)
+        # (B, M, dim) -> the official sequence-first (M, B, dim), as a view
+        return bank.memory.transpose(0, 1), bank.memory_pos.transpose(0, 1), bank.num_ptr_tokens
 
     def _prepare_memory_conditioned_features(self, frame_idx: int, is_init_cond_frame: bool,
                                              current_vision_feats: List[Tensor],
@@ -285,11 +276,14 @@ class SAM2Base(SamHeadsMixin, nn.Module):
     # ------------------------------------------------------------------ memory write
     def _encode_new_memory(self, current_vision_feats: List[Tensor], feat_sizes: List[Tuple[int, int]],
                            pred_masks_high_res: Tensor, object_score_logits: Tensor,
-                           is_mask_from_pts: bool) -> Tuple[Tensor, List[Tensor]]:
-        """Memory of this frame from its features and predicted mask logits (B, 1, S, S)."""
+                           is_mask_from_pts: bool, separate_objects: bool = False) -> Tuple[Tensor, List[Tensor]]:
+        """Memory of this frame from its features and predicted mask logits (B, 1, S, S).
+
+        ``separate_objects``: the batch rows are different objects tracked together (each
+        keeps the memory per-object tracking gives it, so no non-overlap across rows)."""
         pix_feat = _seq_to_map(current_vision_feats[-1], feat_sizes[-1])  # (B, C, H, W)
         masks = pred_masks_high_res
-        if self.non_overlap_masks_for_mem_enc and not self.training:
+        if self.non_overlap_masks_for_mem_enc and not self.training and not separate_objects:
             masks = self._apply_non_overlapping_constraints(masks)
         if self.binarize_mask_from_pts_for_mem_enc and is_mask_from_pts and not self.training:
             mask_for_mem = (masks > 0).float()
@@ -383,6 +377,15 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         self._encode_memory_in_output(current_vision_feats, feat_sizes, point_inputs, run_mem_encoder,
                                       high_res_masks, object_score_logits, current_out)
         return current_out
+
+    def track_objects_step(self, frame_idx: int, current_vision_feats: List[Tensor],
+                           current_vision_pos_embeds: List[Tensor], feat_sizes: List[Tuple[int, int]],
+                           plans: Sequence[MemoryPlan], rows: int, run_mem_encoder: bool = True) -> Dict[str, Any]:
+        """Track several objects on one frame in one batched step (see ``batched_step``)."""
+        from sam2_fast.modeling.batched_step import track_objects_step
+
+        return track_objects_step(self, frame_idx, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                                  plans, rows, run_mem_encoder)
 
     def _use_multimask(self, is_init_cond_frame: bool, point_inputs: Optional[Dict[str, Tensor]]) -> bool:
         """Three candidate masks for few-click prompts (first frame, or always when tracking)."""

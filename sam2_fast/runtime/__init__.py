@@ -109,9 +109,11 @@ def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compi
         info["autocast"] = None
         if s.autocast:  # on CPU only when asked for (dtype=...): the CPU default is fp32
             dev, cache = s.device_type, not s.cuda_graphs
-            for name in ("forward_image", "track_step", "_encode_new_memory"):
+            for name in ("forward_image", "track_step", "track_objects_step", "_encode_new_memory"):
+                if not hasattr(predictor, name):
+                    continue
                 wrapped = _autocast_method(getattr(predictor, name), dev, s.dtype, cache,
-                                           to_fp32=(name == "track_step"))
+                                           to_fp32=(name in ("track_step", "track_objects_step")))
                 undo.append(_patch(predictor, name, wrapped))
             info["autocast"] = str(s.dtype).replace("torch.", "")
         _install_weight_cache(predictor, s, undo, info, skipped)

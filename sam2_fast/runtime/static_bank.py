@@ -48,16 +48,19 @@ def _attention_mask(key_ok: Tensor) -> Optional[Tensor]:
 def key_ranges(key_ok: Tensor, num_spatial_slots: int, batch: int) -> Tensor:
     """(B, 4) int32 ranges of the valid keys: [0, n_spatial) and [S, S + n_ptr), computed on
     the device from the flags (no host sync, so a CUDA graph replays it with new counts).
-    Valid only for the bank's layout, where each region's valid keys are a prefix (_stage)."""
-    n_sp = key_ok[:num_spatial_slots].sum(dtype=torch.int32)
-    n_ptr = key_ok[num_spatial_slots:].sum(dtype=torch.int32)
+    ``key_ok``: (Nk,) shared by the batch, or (B, Nk) per row (objects with their own
+    layouts). Valid only for the bank's layout, where each region's valid keys are a prefix
+    (_stage, memory_gather.build_memory)."""
+    flags = key_ok if key_ok.dim() == 2 else key_ok.unsqueeze(0)
+    n_sp = flags[:, :num_spatial_slots].sum(dim=1, dtype=torch.int32)  # (B or 1,)
+    n_ptr = flags[:, num_spatial_slots:].sum(dim=1, dtype=torch.int32)
     zero = torch.zeros_like(n_sp)
     start = torch.full_like(n_sp, num_spatial_slots)
-    return torch.stack([zero, n_sp, start, start + n_ptr]).expand(batch, 4).contiguous()
+    return torch.stack([zero, n_sp, start, start + n_ptr], dim=1).expand(batch, 4).contiguous()
 
 
 def _layer_step(layer: MemoryAttentionLayer, x: Tensor, mem: Tensor, mem_pos: Optional[Tensor],
-                query_pos: Optional[Tensor], key_ok: Tensor, num_spatial_slots: int,
+                query_pos: Optional[Tensor], key_ok: Optional[Tensor], num_spatial_slots: int,
                 ranges: Optional[Tensor] = None) -> Tensor:
     """One memory-attention layer (eval) over the padded bank; x: (B, HW, C), mem (B, Nk, mem_dim).
 
@@ -71,7 +74,7 @@ def _layer_step(layer: MemoryAttentionLayer, x: Tensor, mem: Tensor, mem_pos: Op
     q = h + query_pos if (layer.pos_enc_at_cross_attn_queries and query_pos is not None) else h
     k = mem + mem_pos if (layer.pos_enc_at_cross_attn_keys and mem_pos is not None) else mem
     x = x + layer.cross_attn_image(q, k, mem, num_k_exclude_rope=mem.shape[1] - num_spatial_slots,
-                                   key_mask=_attention_mask(key_ok), key_ranges=ranges)
+                                   key_mask=key_ok, key_ranges=ranges)
     return x + layer.linear2(layer._act(layer.linear1(layer.norm3(x))))
 
 
@@ -241,19 +244,53 @@ class StaticMemoryBank(nn.Module):
 
     def padded_forward(self, curr: Tensor, curr_pos: Optional[Tensor], mem: Tensor,
                        mem_pos: Optional[Tensor], key_ok: Tensor, num_spatial_slots: int) -> Tensor:
-        """The static-shape computation: curr, curr_pos (HW, B, C); mem, mem_pos (B, Nk, mem_dim);
-        key_ok (Nk,); ``num_spatial_slots`` = bucket frames x HW (a constant of the bucket, so
-        compiled code and graphs specialise on it). Returns (HW, B, C)."""
-        inner = self.inner
-        x = curr
-        if inner.pos_enc_at_input and curr_pos is not None:
-            x = x + 0.1 * curr_pos
-        x = x.transpose(0, 1)  # (B, HW, C)
-        query_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
+        """The static-shape computation (see :func:`padded_attention`); compiled and graphed
+        by the fast runtime, once per bucket."""
+        return padded_attention(self.inner, curr, curr_pos, mem, mem_pos, key_ok, num_spatial_slots)
+
+    def buffers(self, frames: int, hw: int, batch: int, dim: int, dtype: torch.dtype,
+                device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+        """Persistent (memory, memory_pos, key_ok (B, Nk)) of a bucket for per-row layouts
+        (the batched object step writes them in place; graphs read them in place)."""
+        total = self.layout(frames, hw)[1]
+        key = ("rows", frames, hw, batch, dim, dtype, device, torch.is_inference_mode_enabled())
+        bufs = self._buffers_by_key.get(key)
+        if bufs is None:
+            if len(self._buffers_by_key) >= _MAX_BUFFER_SETS:
+                self._buffers_by_key.clear()
+            bufs = (torch.zeros(batch, total, dim, dtype=dtype, device=device),
+                    torch.zeros(batch, total, dim, dtype=dtype, device=device),
+                    torch.zeros(batch, total, dtype=torch.bool, device=device))
+            self._buffers_by_key[key] = bufs
+        return bufs
+
+    def run_rows(self, curr: Tensor, curr_pos: Optional[Tensor], mem: Tensor, mem_pos: Tensor,
+                 key_ok: Tensor, frames: int) -> Tensor:
+        """The bucket's core on a bank staged by the caller (``buffers``), counted like forward."""
+        self._warm_tables(curr.shape[0], curr.device)
+        self.counters["bank_calls"] += 1
+        self.counters[f"bank_bucket_{frames}"] += 1
+        return self.core(curr, curr_pos, mem, mem_pos, key_ok, self.layout(frames, curr.shape[0])[0])
+
+
+def padded_attention(inner: MemoryAttention, curr: Tensor, curr_pos: Optional[Tensor], mem: Tensor,
+                     mem_pos: Optional[Tensor], key_ok: Optional[Tensor], num_spatial_slots: int) -> Tensor:
+    """The memory attention (eval) on a padded bank: curr, curr_pos (HW, B, C); mem, mem_pos
+    (B, Nk, mem_dim); key_ok (Nk,) for the batch or (B, Nk) per row, None when every key is
+    valid; ``num_spatial_slots`` = frames x HW (keys after it are never rotated; a constant
+    of the bucket, so compiled code and graphs specialise on it). Returns (HW, B, C)."""
+    x = curr
+    if inner.pos_enc_at_input and curr_pos is not None:
+        x = x + 0.1 * curr_pos
+    x = x.transpose(0, 1)  # (B, HW, C)
+    query_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
+    ranges = None
+    if key_ok is not None:
         ranges = key_ranges(key_ok, num_spatial_slots, x.shape[0])  # once per frame, for every layer
-        for layer in inner.layers:
-            x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, num_spatial_slots, ranges)
-        return inner.norm(x).transpose(0, 1)
+        key_ok = _attention_mask(key_ok)
+    for layer in inner.layers:
+        x = _layer_step(layer, x, mem, mem_pos, query_pos, key_ok, num_spatial_slots, ranges)
+    return inner.norm(x).transpose(0, 1)
 
 
 def bank_for(model: nn.Module, *, extra_cond_frames: int = 2,

@@ -84,22 +84,87 @@ def store_memory(session: VideoSession, features: Tensor) -> Tensor:
     return features.to(torch.bfloat16).to(session.storage_device, non_blocking=True)
 
 
-def compact_output(model, session: VideoSession, out: Dict[str, Any]) -> Tuple[FrameOutput, Tensor]:
-    """Keep what later frames need from ``track_step``'s output; also return the shown masks."""
+def compact_output(model, session: VideoSession, out: Dict[str, Any], rows: Optional[int] = None
+                   ) -> Tuple[FrameOutput, Tensor]:
+    """Keep what later frames need from ``track_step``'s output; also return the shown masks.
+
+    ``rows``: keep only the first rows (the rest is batch padding, never stored)."""
     feats = out["maskmem_features"]
     if feats is not None:
-        feats = store_memory(session, feats)
-    masks = out["pred_masks"]  # (B, 1, S/4, S/4) on the compute device
+        kept_feats = store_memory(session, feats if rows is None else feats[:rows])
+        if rows is not None and rows != feats.shape[0] and kept_feats.data_ptr() == feats.data_ptr():
+            kept_feats = kept_feats.clone()  # a view would keep the padding rows' memory alive
+        feats = kept_feats
+    masks = out["pred_masks"] if rows is None else out["pred_masks"][:rows]  # (B, 1, S/4, S/4) on the compute device
     if model.fill_hole_area > 0:
         masks = fill_holes(masks, model.fill_hole_area)
+    ptr, score = out["obj_ptr"], out["object_score_logits"]
     kept: FrameOutput = {
         "maskmem_features": feats,
         "maskmem_pos_enc": shared_pos_enc(session, out["maskmem_pos_enc"]),
         "pred_masks": masks.to(session.storage_device, non_blocking=True),
-        "obj_ptr": out["obj_ptr"],  # small: stays on the compute device
-        "object_score_logits": out["object_score_logits"],
+        "obj_ptr": ptr if rows is None else ptr[:rows],  # small: stays on the compute device
+        "object_score_logits": score if rows is None else score[:rows],
     }
     return kept, masks
+
+
+def split_rows(session: VideoSession, batched: FrameOutput, n: int) -> List[FrameOutput]:
+    """One FrameOutput per object: row views of the batched tensors.
+
+    Objects tracked together keep each frame's memory in one tensor, so the next frames
+    copy a memory slot for all of them in one op (``memory_gather``); every object still
+    owns a plain ``FrameOutput`` dict (corrections, removal, offloading and keep_outputs
+    replace or drop it as before).
+    """
+    keys = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits")
+    parts = {k: (batched[k].split(1) if batched[k] is not None else [None] * n) for k in keys}
+    # the session's one copy of the memory position encoding, (1, ...) per level
+    pos_rows = None if batched["maskmem_pos_enc"] is None else session.maskmem_pos_enc
+    return [{"maskmem_features": parts["maskmem_features"][i],
+             "maskmem_pos_enc": None if pos_rows is None else list(pos_rows),
+             "pred_masks": parts["pred_masks"][i], "obj_ptr": parts["obj_ptr"][i],
+             "object_score_logits": parts["object_score_logits"][i]} for i in range(n)]
+
+
+def repack_rows(session: VideoSession) -> int:
+    """One tensor per frame and output key holding exactly the live objects' rows.
+
+    Objects tracked together keep a frame's outputs as row views of one tensor. After
+    ``remove_object`` those tensors still hold the removed object's rows, and after
+    ``pickle`` every view comes back with its own copy of the whole tensor (pickle does not
+    keep views of one storage together): both are repacked here, in object order, so the
+    memory is released and tracking again copies each slot for all objects in one op.
+    Returns the number of tensors repacked.
+    """
+    from sam2_fast.modeling.memory_gather import row_storage
+
+    frames: Dict[Tuple[str, int], List[FrameOutput]] = {}
+    for obj in session.objects:
+        for table_name, table in obj.outputs.items():
+            for t, out in table.items():
+                frames.setdefault((table_name, t), []).append(out)
+    repacked = 0
+    with torch.no_grad():
+        for outs in frames.values():
+            for key in ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits"):
+                groups: Dict[Any, List[FrameOutput]] = {}
+                for out in outs:
+                    value = out.get(key)
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 1:
+                        like = (tuple(value.shape), value.dtype, value.device)
+                        groups.setdefault(like, []).append(out)
+                for members in groups.values():
+                    rows = [m[key] for m in members]
+                    used = sum(r.numel() * r.element_size() for r in rows)
+                    if (len({row_storage(r) for r in rows}) == 1
+                            and rows[0].untyped_storage().nbytes() == used):
+                        continue  # already one tensor of exactly these rows
+                    packed = torch.cat(rows) if len(rows) > 1 else rows[0].clone()
+                    for m, row in zip(members, packed.split(1)):
+                        m[key] = row
+                    repacked += 1
+    return repacked
 
 
 # ---------------------------------------------------------------------- across objects

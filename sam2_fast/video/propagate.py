@@ -1,14 +1,16 @@
-"""Tracking: one frame for one object, the pre-tracking merge of prompts, the frame loop.
+"""Tracking: prompts on one object, the pre-tracking merge of prompts, the frame loop.
 
-Memory selection itself (which past frames and pointers a frame attends to, and their
-temporal encodings) lives in ``SAM2Base.track_step``; this module decides which outputs
-exist and where they are stored.
+A tracked frame runs ONE batched step for all objects that need it (``track_objects``:
+``SAM2Base.track_objects_step``); a prompt runs ``track_step`` for its object. Memory
+selection itself (which past frames and pointers a frame attends to, and their temporal
+encodings) lives in ``SAM2Base._memory_plan``; this module decides which outputs exist
+and where they are stored.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +19,13 @@ from tqdm import tqdm
 from sam2_fast.video import outputs as O
 from sam2_fast.video.prompts import check_frame_idx
 from sam2_fast.video.state import COND, NON_COND, FrameOutput, ObjectTrack, PointPrompt, VideoSession
+
+
+# Testing and benchmarks only: track each object on its own with the official
+# ``track_step`` (batch 1, as the reference predictor does) instead of the batched step
+# (prompted-frame memories encoded one object at a time too).
+# The exactness tests compare the two; ``sam2-fast bench`` reports both.
+TRACK_PER_OBJECT = False
 
 
 def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is_init_cond_frame: bool,
@@ -37,18 +46,40 @@ def run_frame(model, session: VideoSession, obj: ObjectTrack, frame_idx: int, is
     return O.compact_output(model, session, out)
 
 
-def encode_memory(model, session: VideoSession, frame_idx: int, masks_high_res: Tensor,
-                  object_score_logits: Tensor) -> Tuple[Tensor, List[Tensor]]:
-    """Memory of a prompted frame, encoded from its final (possibly edited) mask."""
-    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=1)
+def encode_memories(model, session: VideoSession, frame_idx: int, outs: List[FrameOutput]) -> None:
+    """Memories of prompted frames, encoded from their final (possibly edited) masks: all
+    objects prompted on ``frame_idx`` in one memory-encoder call, stored as row views of
+    one tensor (so tracking copies this conditioning slot for all of them at once)."""
+    from sam2_fast.modeling.batched_step import batch_bucket, wants_static_shapes
+
+    n = len(outs)
+    # the tracking buckets here too: the memory encoder's compiled code / graph of the
+    # bucket is shared with tracking instead of one more shape per object count
+    rows = batch_bucket(n) if wants_static_shapes(model) else n
+    _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=rows)
+    image_hw = (model.image_size, model.image_size)
+    low_res = [out["pred_masks"].to(session.device) for out in outs]
+    scores = [out["object_score_logits"] for out in outs]
+    if rows > n:  # padding rows: an empty mask, never stored
+        low_res.append(low_res[0].new_full((rows - n,) + tuple(low_res[0].shape[1:]), -1024.0))
+        scores.append(scores[0].new_full((rows - n,) + tuple(scores[0].shape[1:]), -1024.0))
+    low_res = torch.cat(low_res) if len(low_res) > 1 else low_res[0]
+    scores = torch.cat(scores) if len(scores) > 1 else scores[0]
     features, pos_enc = model._encode_new_memory(
         current_vision_feats=feats,
         feat_sizes=sizes,
-        pred_masks_high_res=masks_high_res,
-        object_score_logits=object_score_logits,
+        pred_masks_high_res=O.resize_logits(low_res, image_hw),
+        object_score_logits=scores,
         is_mask_from_pts=True,  # prompted frames: the user vouched for this mask
+        separate_objects=True,  # each row its own object, as when encoded one by one
     )
-    return O.store_memory(session, features), O.shared_pos_enc(session, pos_enc)
+    stored = O.store_memory(session, features[:n])
+    if rows > n and stored.data_ptr() == features.data_ptr():
+        stored = stored.clone()  # a view would keep the padding rows alive
+    O.shared_pos_enc(session, pos_enc)
+    for out, row in zip(outs, stored.split(1) if n > 1 else (stored,)):
+        out["maskmem_features"] = row
+        out["maskmem_pos_enc"] = list(session.maskmem_pos_enc)
 
 
 def clears_around_input(model, session: VideoSession) -> bool:
@@ -75,17 +106,20 @@ def preflight(model, session: VideoSession) -> None:
         if not obj.outputs[COND] and not obj.pending[COND]:
             raise RuntimeError(f"No input points or masks are provided for object id {obj.obj_id}; "
                                f"please add inputs first.")
-    image_hw = (model.image_size, model.image_size)
-    clear = clears_around_input(model, session)
+    to_encode: Dict[int, List[FrameOutput]] = {}
     for obj in session.objects:
         for key in (NON_COND, COND):
             for frame_idx, out in obj.pending[key].items():
                 if out["maskmem_features"] is None:
-                    high_res = O.resize_logits(out["pred_masks"].to(session.device), image_hw)
-                    feats, pos_enc = encode_memory(model, session, frame_idx, high_res,
-                                                   out["object_score_logits"])
-                    out["maskmem_features"] = feats
-                    out["maskmem_pos_enc"] = pos_enc
+                    to_encode.setdefault(frame_idx, []).append(out)
+    for frame_idx in sorted(to_encode):  # one memory-encoder call per prompted frame
+        outs = to_encode[frame_idx]
+        for group in ([[o] for o in outs] if TRACK_PER_OBJECT else [outs]):
+            encode_memories(model, session, frame_idx, group)
+    clear = clears_around_input(model, session)
+    for obj in session.objects:
+        for key in (NON_COND, COND):
+            for frame_idx, out in obj.pending[key].items():
                 obj.outputs[key][frame_idx] = out
                 if clear:
                     clear_non_cond_around(model, obj, frame_idx)
@@ -187,20 +221,53 @@ def track_frame(model, session: VideoSession, frame_idx: int, reverse: bool, cle
     ``objects``: the objects of this propagation (default: the session's current ones).
     Returns the low-res mask logits of all objects, (num_objects, 1, S/4, S/4).
     """
-    per_obj: List[Tensor] = []
-    for obj in (session.objects if objects is None else objects):
+    objects = session.objects if objects is None else objects
+    per_obj: List[Optional[Tensor]] = [None] * len(objects)
+    todo: List[int] = []
+    for i, obj in enumerate(objects):
         prompted = obj.outputs[COND].get(frame_idx)
         if prompted is not None:
             # prompted frames already hold their final output (objects may differ in
             # their number of clicks, so they are not re-run)
-            masks = prompted["pred_masks"].to(session.device, non_blocking=True)
+            per_obj[i] = prompted["pred_masks"].to(session.device, non_blocking=True)
             if clear:
                 clear_non_cond_around(model, obj, frame_idx)
         else:
-            out, masks = run_frame(model, session, obj, frame_idx, is_init_cond_frame=False,
-                                   point_inputs=None, mask_inputs=None, reverse=reverse,
-                                   run_mem_encoder=True)
-            obj.outputs[NON_COND][frame_idx] = out
+            todo.append(i)
+    if todo and TRACK_PER_OBJECT:
+        for i in todo:
+            out, per_obj[i] = run_frame(model, session, objects[i], frame_idx, is_init_cond_frame=False,
+                                        point_inputs=None, mask_inputs=None, reverse=reverse,
+                                        run_mem_encoder=True)
+            objects[i].outputs[NON_COND][frame_idx] = out
+        todo = []
+    stacked = track_objects(model, session, frame_idx, [objects[i] for i in todo], reverse) if todo else None
+    for obj in objects:
         obj.tracked[frame_idx] = {"reverse": reverse}
-        per_obj.append(masks)
+    if stacked is not None and len(todo) == len(objects):
+        return stacked  # every object tracked: already one (num_obj, 1, h, w) tensor
+    if stacked is not None:
+        for row, i in enumerate(todo):
+            per_obj[i] = stacked[row:row + 1]
     return per_obj[0] if len(per_obj) == 1 else torch.cat(per_obj, dim=0)  # (num_obj, 1, h, w)
+
+
+def track_objects(model, session: VideoSession, frame_idx: int, objects: List[ObjectTrack],
+                  reverse: bool) -> Tensor:
+    """Track ``objects`` on an unprompted frame in ONE batched step; stores their outputs.
+
+    Returns their low-res mask logits (len(objects), 1, S/4, S/4) on the compute device.
+    """
+    from sam2_fast.modeling.batched_step import batch_bucket, wants_static_shapes
+
+    n = len(objects)
+    rows = batch_bucket(n) if wants_static_shapes(model) else n
+    num_frames = None if session.open_ended else session.num_frames
+    # per object: which stored memories / pointers it reads (Python only, validated first)
+    plans = [model._memory_plan(frame_idx, obj.outputs, num_frames, reverse) for obj in objects]
+    _, _, feats, pos, sizes = O.frame_features(model, session, frame_idx, batch_size=rows)
+    out = model.track_objects_step(frame_idx, feats, pos, sizes, plans, rows)
+    kept, masks = O.compact_output(model, session, out, rows=n)  # padding rows are never stored
+    for obj, row in zip(objects, O.split_rows(session, kept, n)):
+        obj.outputs[NON_COND][frame_idx] = row
+    return masks

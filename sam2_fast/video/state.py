@@ -128,6 +128,14 @@ class VideoSession(Mapping):
     # the memory position encoding is identical for every frame and object: keep one copy
     maskmem_pos_enc: Optional[List[Tensor]] = None
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # pickle restores each row view of a shared per-frame tensor with its own copy of
+        # the whole tensor: pack them again (memory as before, one-op memory reads)
+        self.__dict__.update(state)
+        from sam2_fast.video.outputs import repack_rows
+
+        repack_rows(self)
+
     # ------------------------------------------------------------------ object slots
     @property
     def obj_ids(self) -> List[Hashable]:
