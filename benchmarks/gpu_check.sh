@@ -11,6 +11,10 @@
 #   bash benchmarks/gpu_check.sh bench-8obj    # side by side, tiny @480p, 8 objects, full ladder
 #   bash benchmarks/gpu_check.sh bench-large   # side by side, large @480p, 1 and 8 objects
 #   bash benchmarks/gpu_check.sh bench-refvos  # the reference's vos_optimized (max-autotune) rows
+#   bash benchmarks/gpu_check.sh bench-objects # 8 objects @480p, tiny and large, eager: ours batched vs
+#                                              # ours one step per object vs the reference bf16
+#   bash benchmarks/gpu_check.sh bench-objects-vos  # 8 objects, tiny: our vos_optimized batched vs per
+#                                              # object vs the reference's vos_optimized (compiles)
 #
 # Each step needs the wheels from scripts/prepare_gpu_wheels.sh (carry ".wheels"), installs
 # them and this package offline, ends well inside the tool's 10 minutes (an internal time
@@ -20,8 +24,8 @@ set -uo pipefail
 
 STEP="${1:-}"
 case "$STEP" in
-    quick|correctness|bench|bench-8obj|bench-large|bench-refvos|profile) ;;
-    *) echo "usage: $0 quick|correctness|bench|profile|bench-8obj|bench-large|bench-refvos" >&2; exit 2 ;;
+    quick|correctness|bench|bench-8obj|bench-large|bench-refvos|bench-objects|bench-objects-vos|profile) ;;
+    *) echo "usage: $0 quick|correctness|bench|profile|bench-8obj|bench-large|bench-refvos|bench-objects|bench-objects-vos" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -102,7 +106,7 @@ quick)
     #    eager, 1 and 8 objects; the selection layer's choices print per row
     BUDGET=$(( LIMIT - $(elapsed) - 25 ))
     [ "$BUDGET" -gt 30 ] && bench quick --model tiny --objects 1,8 --frames 24 "${SIZE[@]}" \
-        --ladder bf16,bf16-kernels --reference ref-eager-fp32,ref-bf16
+        --ladder bf16,bf16-unbatched,bf16-kernels --reference ref-eager-fp32,ref-bf16
     # 3b. op census of the eager bf16 frame (kernel launches / syncs per stage, ours vs the
     #     reference; hard stop 30 s, before the profiles, which take whatever time is left)
     left=$(( LIMIT - $(elapsed) - 10 )); [ "$left" -ge 90 ] && timeout -k 5 30 "$PY" benchmarks/op_census.py \
@@ -137,6 +141,22 @@ bench-refvos)
     # The reference compiles five modules with max-autotune: minutes before its first frame.
     bench refvos --model tiny --objects 1 --frames 48 "${SIZE[@]}" --ladder none \
         --reference ref-eager-fp32,ref-bf16,ref-vos
+    ;;
+bench-objects)
+    # issue 10: all objects in one pass against one step per object, same run (eager rows
+    # warm up in seconds, so both models fit one call; tiny gets half of the time left)
+    for m in tiny large; do
+        share=1; [ "$m" = tiny ] && share=2
+        BUDGET=$(( (LIMIT - $(elapsed) - 30) / share ))
+        bench "objects_$m" --model "$m" --objects 8 --frames 24 "${SIZE[@]}" \
+            --ladder bf16,bf16-unbatched --reference ref-bf16
+    done
+    ;;
+bench-objects-vos)
+    # the same with the fast runtime on both sides; 'default' compile mode: max-autotune's
+    # compile alone took > 5 min on the first H200 run
+    bench objects_vos --model tiny --objects 8 --frames 32 "${SIZE[@]}" --compile-mode default \
+        --ladder cuda-graphs,cuda-graphs-unbatched --reference ref-vos
     ;;
 profile)
     # op census first (both precisions; launches, memcpy and syncs per stage from the profiler)

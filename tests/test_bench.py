@@ -243,3 +243,23 @@ def test_per_object_table_reports_cost_per_object():
                     ["eager-fp32", "8", "8.33", "120.0", "15.00", "1.20"],
                     ["ref-eager-fp32", "1", "10.00", "100.0", "100.00", "1.00"],
                     ["ref-eager-fp32", "8", "1.25", "800.0", "100.00", "8.00"]]
+
+
+def test_unbatched_rows_run_one_step_per_object_and_only_when_named():
+    """The batching's baselines (issue 10's GPU comparison) switch the product's per-object
+    path on for their row only, and are not part of the auto / all ladders."""
+    import torch
+
+    from sam2_fast.bench.ladder import select_rows
+    from sam2_fast.bench.runner import row_settings
+    from sam2_fast.video import propagate
+
+    cpu = torch.device("cpu")
+    assert not any(r.per_object for r, _ in select_rows(cpu, "all", "none"))
+    assert not any(r.per_object for r, _ in select_rows(cpu, "auto", "none"))
+    (row, _), = select_rows(cpu, "bf16-unbatched", "none")
+    assert row.per_object and row.runtime is not None
+    assert propagate.TRACK_PER_OBJECT is False
+    with row_settings(row, cpu):
+        assert propagate.TRACK_PER_OBJECT is True
+    assert propagate.TRACK_PER_OBJECT is False

@@ -51,6 +51,7 @@ class RowSpec:
     runtime: Optional[Dict[str, object]] = None  # enable_fast_runtime(**runtime) after building
     check: Optional[Callable[[], Optional[str]]] = None  # -> reason it cannot run, or None
     golden: bool = False  # the fp32 reference every row's accuracy is measured against
+    per_object: bool = False  # ours, one tracking step per object (as the reference), not batched
 
 
 def _kernel_switches() -> Optional[tuple]:
@@ -109,6 +110,9 @@ def our_rows(device: torch.device) -> List[RowSpec]:
         RowSpec("eager-fp32", "ours", "ours eager fp32", env=dict(all_off)),
         RowSpec("bf16", "ours", "ours eager, runtime bf16 autocast + TF32", dtype="bf16", slow_on_cpu=True,
                 env=dict(all_off), runtime=_knobs(compile=False), check=runtime_check),
+        RowSpec("bf16-unbatched", "ours", "ours eager bf16, one step per object (the batching's baseline)",
+                dtype="bf16", slow_on_cpu=True, env=dict(all_off), runtime=_knobs(compile=False),
+                check=runtime_check, per_object=True),
         RowSpec("bf16-kernels", "ours", "ours eager bf16 + every kernel slot (selection layer picks per card)",
                 dtype="bf16", needs_cuda=True, env=kernel_env(KERNEL_ORDER), runtime=_knobs(compile=False),
                 check=runtime_check),
@@ -134,6 +138,10 @@ def our_rows(device: torch.device) -> List[RowSpec]:
     rows.append(RowSpec("cuda-graphs", "ours", "+ CUDA graphs (= vos_optimized=True)", dtype="bf16", compiles=True,
                         needs_cuda=True, env=every, runtime=_knobs(True, static_bank=True, cuda_graphs=True),
                         check=runtime_check))
+    rows.append(RowSpec("cuda-graphs-unbatched", "ours", "vos_optimized=True, one step per object (baseline)",
+                        dtype="bf16", compiles=True, needs_cuda=True, env=every,
+                        runtime=_knobs(True, static_bank=True, cuda_graphs=True), check=runtime_check,
+                        per_object=True))
     return rows
 
 
@@ -153,6 +161,8 @@ def select_rows(device: torch.device, ladder: str, reference: str) -> List[tuple
         for row in rows:
             if choice == "none" or (keys and row.key not in keys):
                 continue
+            if row.per_object and not keys:
+                continue  # baselines of the batching: only when named (e.g. the multi-object GPU check)
             reason = None
             if row.needs_cuda and device.type != "cuda":
                 reason = "needs CUDA"

@@ -79,9 +79,14 @@ def row_settings(row: RowSpec, device: torch.device):
     saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = row.tf32
     torch.backends.cudnn.allow_tf32 = row.tf32
+    from sam2_fast.video import propagate
+
+    saved_per_object = propagate.TRACK_PER_OBJECT
+    propagate.TRACK_PER_OBJECT = row.per_object
     try:
         yield
     finally:
+        propagate.TRACK_PER_OBJECT = saved_per_object
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
         for k, v in saved_env.items():
             if v is None:
