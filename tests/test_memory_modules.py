@@ -231,6 +231,27 @@ def test_memory_encoder_parity(skip_sigmoid, grid):
     assert_close_rel(o["vision_pos_enc"][0], r["vision_pos_enc"][0], TOL, "vision_pos_enc")
 
 
+def test_memory_encoder_projects_expanded_features_once():
+    """Batched tracking hands one frame's features expanded over the objects (stride 0): the
+    projection runs once and each row equals the reference's batch-1 call for that object
+    (bitwise on this CPU), with one convolution instead of one per object."""
+    ref, ours = _memory_encoder_pair(seed=4)
+    gen = torch.Generator().manual_seed(5)
+    pix = torch.randn(1, C, 8, 8, generator=gen)
+    masks = torch.randn(3, 1, 128, 128, generator=gen) * 8
+    calls = []
+    hook = ours.pix_feat_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        with torch.no_grad():
+            got = ours(pix.expand(3, -1, -1, -1), masks)["vision_features"]
+            rows = [ref(pix, masks[i:i + 1])["vision_features"] for i in range(3)]
+    finally:
+        hook.remove()
+    assert calls == [1]
+    for i in range(3):
+        assert_close_rel(got[i:i + 1], rows[i], TOL, f"row {i}")
+
+
 def test_memory_encoder_mutations_and_errors():
     ref, ours = _memory_encoder_pair(seed=1)
     gen = torch.Generator().manual_seed(2)

@@ -132,7 +132,14 @@ class MemoryEncoder(nn.Module):
         if mask_feat.shape[-2:] != pix_feat.shape[-2:]:
             raise ValueError(f"masks {tuple(masks.shape[-2:])} downsample to {tuple(mask_feat.shape[-2:])}, "
                              f"which does not match the image features {tuple(pix_feat.shape[-2:])}")
-        fused = self.pix_feat_proj(pix_feat.to(mask_feat.device)) + mask_feat
+        pix_feat = pix_feat.to(mask_feat.device)
+        if pix_feat.shape[0] > 1 and pix_feat.stride(0) == 0:
+            # one frame's features expanded over objects (batched tracking): project them
+            # once and broadcast, (B - 1) fewer 1x1 convolutions (0.54 GFLOP each at 1024 px),
+            # and each row is exactly the batch-1 projection per-object tracking computes
+            fused = self.pix_feat_proj(pix_feat[:1]) + mask_feat
+        else:
+            fused = self.pix_feat_proj(pix_feat) + mask_feat
         out = self.out_proj(self.fuser(fused))
         pos = self.position_encoding(out).to(out.dtype)
         return {"vision_features": out, "vision_pos_enc": [pos]}

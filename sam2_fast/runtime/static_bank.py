@@ -209,16 +209,7 @@ class StaticMemoryBank(nn.Module):
         spatial_slots, total_slots = self.layout(frames, hw)
         dim, device = memory.shape[-1], memory.device
         key = (frames, hw, batch, dim, dtype, device, torch.is_inference_mode_enabled())
-        bufs = self._buffers_by_key.get(key)
-        if bufs is None:
-            if len(self._buffers_by_key) >= _MAX_BUFFER_SETS:
-                self._buffers_by_key.clear()
-            # zeros, not empty: a padded slot is masked, but 0 * NaN garbage would still be NaN
-            bufs = (torch.zeros(batch, total_slots, dim, dtype=dtype, device=device),
-                    torch.zeros(batch, total_slots, dim, dtype=dtype, device=device),
-                    torch.zeros(total_slots, dtype=torch.bool, device=device))
-            self._buffers_by_key[key] = bufs
-        mem, mem_pos, key_ok = bufs
+        mem, mem_pos, key_ok = self._persistent(key, batch, total_slots, dim, dtype, device, (total_slots,))
         ptr_stop = spatial_slots + n_ptr
         # (M, B, dim) -> (B, M, dim) while copying; copy_ also upcasts bf16 stored memories
         mem[:, :n_spatial].copy_(memory[:n_spatial].transpose(0, 1))
@@ -254,13 +245,19 @@ class StaticMemoryBank(nn.Module):
         (the batched object step writes them in place; graphs read them in place)."""
         total = self.layout(frames, hw)[1]
         key = ("rows", frames, hw, batch, dim, dtype, device, torch.is_inference_mode_enabled())
+        return self._persistent(key, batch, total, dim, dtype, device, (batch, total))
+
+    def _persistent(self, key: tuple, batch: int, total: int, dim: int, dtype: torch.dtype,
+                    device: torch.device, flags_shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor, Tensor]:
+        """The (memory, memory_pos, key flags) buffers of ``key``, made on first use."""
         bufs = self._buffers_by_key.get(key)
         if bufs is None:
             if len(self._buffers_by_key) >= _MAX_BUFFER_SETS:
                 self._buffers_by_key.clear()
+            # zeros, not empty: a padded slot is masked, but 0 * NaN garbage would still be NaN
             bufs = (torch.zeros(batch, total, dim, dtype=dtype, device=device),
                     torch.zeros(batch, total, dim, dtype=dtype, device=device),
-                    torch.zeros(batch, total, dtype=torch.bool, device=device))
+                    torch.zeros(flags_shape, dtype=torch.bool, device=device))
             self._buffers_by_key[key] = bufs
         return bufs
 
