@@ -208,7 +208,8 @@ def pick_config(dk: int, dv: int, capability: tuple = (9, 0)) -> LaunchConfig:
     """
     major, minor = capability
     if (major, minor) in ((8, 6), (8, 7), (8, 9)) or major >= 12:
-        return LaunchConfig(64, 32, 4, 2)
+        # d_v 256: 8 warps (the sm_80 tile below; 4 warps spill without ranges under triton 3.6)
+        return LaunchConfig(64, 32, 4, 2) if dv <= 64 else LaunchConfig(64, 32, 8, 2)
     # d_v 256 (the memory self-attention's candidate): the fp32 accumulator is 4x wider, so
     # the key tile or the query tile halves to stay spill-free (triton 3.8 AOT, bf16/fp16,
     # ranges or not): sm_80 64x64x4 warps -> 64x32x8 warps (178-179 registers, 0 spills,
