@@ -68,7 +68,7 @@ class LazyFrames(FrameSource):
             self._feed = DeviceFeed(self._normalize, (3, self.image_size, self.image_size),
                                     ring_size=self.prefetch)
         elif fast_feed and kind == "cpu":
-            self._feed = HostFeed(self._normalize, self._submit)
+            self._feed = HostFeed(self._normalize, _submitter(weakref.ref(self)))
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self[0]  # fail early on a broken source; frame 0 is what init_state asks first
@@ -176,10 +176,6 @@ class LazyFrames(FrameSource):
             self._feed.stage(nxt, ahead)
         return out
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        pool = self._pool
-        return None if pool is None else pool.submit(fn, *args)
-
     def _move_cursor(self, i: int) -> None:  # with the cv held
         if i != self._cursor:
             self._step = 1 if i > self._cursor else -1
@@ -240,6 +236,17 @@ class LazyFrames(FrameSource):
         with self._cv:
             self._cache.clear()
             self._pending.clear()
+
+
+def _submitter(ref: "weakref.ref[LazyFrames]") -> Callable[..., Any]:
+    """``submit`` on the source's pool, holding the source weakly: a bound method would make
+    a cycle, and the prefetch thread (which holds the source during its waits) would keep
+    the garbage collector from ever finding the dropped source unreferenced."""
+    def submit(fn: Callable[..., Any], *args: Any) -> Any:
+        src = ref()
+        pool = None if src is None else src._pool
+        return None if pool is None else pool.submit(fn, *args)
+    return submit
 
 
 def _pool_threads(pool: ThreadPoolExecutor) -> set[threading.Thread]:
