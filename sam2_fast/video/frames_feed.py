@@ -209,7 +209,9 @@ class HostFeed(_AheadFeed):
 
     def _finish(self, handle: tuple[Optional[Future], torch.Tensor]) -> torch.Tensor:
         fut, u8 = handle
-        if fut is not None:
+        # Not started yet (queued behind resizes: the pool is FIFO): do it here instead of
+        # waiting (1 worker at 1024 px waited 7.8 ms per frame on average before this).
+        if fut is not None and not fut.cancel():
             t0 = time.perf_counter()
             try:
                 return fut.result()
