@@ -195,6 +195,8 @@ def main() -> None:
                     help="lazy (fast feed), lazy-plain (fast_feed=False), preloaded (reference style)")
     ap.add_argument("--warm-s", type=float, default=0.5)
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available on this machine")
     if args.host_ms is None:
         args.host_ms = 20.0 if args.device.startswith("cuda") else 30.0
     with tempfile.TemporaryDirectory() as tmp:

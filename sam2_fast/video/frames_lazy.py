@@ -39,8 +39,8 @@ class LazyFrames(FrameSource):
     ``fast_feed`` (default) prepares the frame after the one asked for ahead (``frames_feed``:
     on CUDA pinned buffers and an asynchronous upload, on the CPU normalised on a worker);
     ``fast_feed=False`` normalises (and uploads, synchronously) on the caller's thread, as
-    before (kept for benchmarks; the frames are the same bits). ``wait_s`` / ``produce_s``: seconds the caller spent blocked on
-    the prefetcher / decoding a frame itself (cache misses), for benchmarks.
+    before (kept for benchmarks; the frames are the same bits). ``wait_s`` / ``produce_s``:
+    seconds the caller spent blocked on the prefetcher / decoding a frame itself (misses).
     """
 
     def __init__(self, decoder: Decoder, image_size: int, device: torch.device,
