@@ -9,7 +9,7 @@ file, for the lazy source (the predictor's default: PIL resize threads prefetchi
 and for the reference-style preloaded tensor (every frame normalised on the device before
 the loop, as the benchmark's ``init_state`` gives the reference). Between two frames the
 main thread simulates the model: ``--host-ms`` of pure-Python work (GIL held, like an
-eager launch loop) and, on CUDA, ``--gpu-ms`` of queued matmuls (the stream is busy when
+eager launch loop) and, on CUDA, ``--gpu-ms`` of queued device time (the stream is busy when
 the next frame is asked for, as in a GPU-bound frame).
 
 Printed per variant (ms per frame): ``get`` p50/p90 (main thread inside the call), ``wait``
@@ -68,23 +68,33 @@ def busy_python(ms: float) -> None:
 
 
 class GpuWork:
-    """Queues ~``ms`` of device time (bf16 matmuls) without waiting for it."""
+    """Queues ~``ms`` of device time in one kernel (``torch.cuda._sleep``, a spin of N clock
+    cycles, calibrated here) without waiting for it; at most one frame of it stays queued
+    (``bound``: the caller waits for the previous frame's work, a pipeline one frame deep,
+    so a GPU-bound loop does not grow an unbounded queue)."""
 
     def __init__(self, device: torch.device, ms: float) -> None:
-        self.a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
-        self.reps = 0
+        self.device = device
+        self.cycles = 0
+        self._events: List[Any] = []
         if ms <= 0:
             return
+        probe = 10_000_000
+        torch.cuda._sleep(probe)  # warm up
         torch.cuda.synchronize(device)
         t = time.perf_counter()
-        for _ in range(20):
-            self.a @ self.a
+        torch.cuda._sleep(probe)
         torch.cuda.synchronize(device)
-        self.reps = max(1, round(ms / ((time.perf_counter() - t) * 1e3 / 20)))
+        self.cycles = max(1, int(probe * ms / ((time.perf_counter() - t) * 1e3)))
 
     def __call__(self) -> None:
-        for _ in range(self.reps):
-            self.a @ self.a
+        if self.cycles:
+            torch.cuda._sleep(self.cycles)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._events.append(ev)
+        if len(self._events) > 1:
+            self._events.pop(0).synchronize()
 
 
 def pct(xs: List[float], q: float) -> float:
