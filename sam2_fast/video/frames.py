@@ -14,7 +14,9 @@ reciprocal and can differ in the last bit), so GPU frames are bitwise equal too.
 
 Memory stays flat as the video grows (``LazyFrames``, the default): a small cache of resized
 uint8 frames around the access point, filled ahead in the direction of travel by background
-threads (see ``frames_lazy``). ``preload_all=True`` keeps every normalised frame resident
+threads (see ``frames_lazy``); the frame after the one asked for is normalised (CPU) or
+uploaded through pinned memory (CUDA) ahead, off the tracker's path (``frames_feed``).
+``preload_all=True`` keeps every normalised frame resident
 instead, as the reference does (``PreloadedFrames``, for benchmarks).
 """
 
