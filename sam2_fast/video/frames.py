@@ -16,8 +16,8 @@ Memory stays flat as the video grows (``LazyFrames``, the default): a small cach
 uint8 frames around the access point, filled ahead in the direction of travel by background
 threads (see ``frames_lazy``); the frame after the one asked for is normalised (CPU) or
 uploaded through pinned memory (CUDA) ahead, off the tracker's path (``frames_feed``).
-``preload_all=True`` keeps every normalised frame resident
-instead, as the reference does (``PreloadedFrames``, for benchmarks).
+``preload_all=True`` keeps every normalised frame resident instead, as the reference does
+(``PreloadedFrames``, for benchmarks).
 """
 
 from __future__ import annotations
