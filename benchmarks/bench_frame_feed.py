@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sam2_fast.video.frames import IMAGENET_MEAN, IMAGENET_STD, open_frames  # noqa: E402
+from sam2_fast.video.frames import open_frames  # noqa: E402
 
 
 def make_video(path: str, n: int, w: int = 854, h: int = 480) -> str:
@@ -211,8 +211,9 @@ def main() -> None:
         args.host_ms = 20.0 if args.device.startswith("cuda") else 30.0
     with tempfile.TemporaryDirectory() as tmp:
         video = args.video or make_video(os.path.join(tmp, "480p.mp4"), args.frames)
+        gpu = f", gpu {args.gpu_ms} ms" if args.device.startswith("cuda") else ""
         print(f"video {video}, {args.frames} frames, device {args.device}, host {args.host_ms} ms"
-              + (f", gpu {args.gpu_ms} ms" if args.device.startswith("cuda") else "") + " per frame; ms per frame:")
+              f"{gpu} per frame; ms per frame:")
         cols = ["size", "workers", "variant", "get_p50", "get_p90", "wait_mean", "wait_p90", "loop_p50",
                 "sync_p50", "ahead_hits", "feed_wait_ms", "ring_stalls"]
         print(" | ".join(cols))

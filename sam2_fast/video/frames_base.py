@@ -180,7 +180,9 @@ class Normalizer:
     def on_device(self, x: torch.Tensor) -> torch.Tensor:
         """(3, S, S) uint8 already on its device -> float32 by the table: a cast and one
         gather per channel row (2 kernels; the flat-index form took 3: cast, add, index)."""
-        lut = self._lut if self._lut is not None and x.device == self._lut.device else self._lut_cpu.to(x.device)
+        lut = self._lut
+        if lut is None or x.device != lut.device:  # a CPU normaliser asked for the table form
+            lut = self._lut_cpu.to(x.device)
         return torch.gather(lut, 1, x.reshape(3, -1).long()).view(x.shape)
 
 
