@@ -67,7 +67,9 @@ class LazyFrames(FrameSource):
         if fast_feed and kind == "cuda":
             self._feed = DeviceFeed(self._normalize, (3, self.image_size, self.image_size),
                                     ring_size=self.prefetch)
-        elif fast_feed and kind == "cpu":
+        elif fast_feed and kind == "cpu" and self.prefetch > 0:
+            # (prefetch 0: no worker threads, so nothing to hand the work to and nothing
+            # contending with torch's intra-op pool: the plain path is the faster one)
             self._feed = HostFeed(self._normalize, _submitter(weakref.ref(self)))
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
