@@ -545,6 +545,8 @@ def test_host_feed_frames_bitwise_equal_plain(small_mp4, workers):
     pattern = list(range(40)) + list(range(39, -1, -1)) + _feed_pattern()
     with open_frames(small_mp4, 32, prefetch=0, fast_feed=False) as plain:
         want = {i: plain[i] for i in set(pattern)}
+    with open_frames(small_mp4, 32, prefetch=0) as src:
+        assert src._feed is None  # no workers: the plain path
     with open_frames(small_mp4, 32, prefetch=5, workers=workers) as src:
         assert src._feed is not None
         for i in pattern:  # tight loop: whatever the prefetcher managed, same bits
