@@ -13,9 +13,9 @@ the GPU had finished all the model work it had queued, every frame (no CPU/GPU o
 
 Here (all on the caller's thread, under one lock):
 
-* the cached uint8 frame is copied into one of a small ring of *pinned* host buffers (a
-  plain memcpy with the GIL released; the pageable path did the same copy inside the
-  driver) and the H2D copy is queued on a side stream with ``non_blocking=True``, which
+* the cached uint8 frame is copied into one of a small ring of *pinned* host buffers
+  (``np.copyto``, 0.066 ms at 1024 px on the 2-core machine; for a pageable source the
+  driver made the same staging copy) and the H2D copy is queued on a side stream with ``non_blocking=True``, which
   from pinned memory is truly asynchronous. An event is recorded after it;
 * a ring slot is written again only after the event of its last copy completed
   (``PinnedRing``): the buffer must live until the DMA engine has read it;
@@ -48,7 +48,8 @@ class PinnedRing:
     def __init__(self, n: int, shape: tuple[int, ...], pin: bool) -> None:
         if n < 1:
             raise ValueError(f"a pinned ring needs at least one buffer, got {n}")
-        # pinned once here, reused for the source's lifetime (pinning costs ~ms per MiB)
+        # pinned once here and reused for the source's lifetime: pinning is a driver call
+        # (page locking) far slower than the copy itself
         self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin) for _ in range(n)]
         self._events: list[Any] = [None] * n
         self._next = 0
