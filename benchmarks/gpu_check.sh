@@ -162,6 +162,10 @@ profile)
     # op census first (both precisions; launches, memcpy and syncs per stage from the profiler)
     timeout -k 5 90 "$PY" benchmarks/op_census.py --dtype bf16,fp32 "${CENSUS[@]}" \
         --json "$WORK/op_census.json" 2>&1 | tee "$WORK/op_census.txt"
+    # frame feed: main-thread ms/frame of the lazy source (pinned async feed vs the old
+    # pageable upload) against preloaded frames, 480p file (NOTES.md "Frame feed"); hard 40 s
+    timeout -k 5 40 "$PY" benchmarks/bench_frame_feed.py --device cuda --frames 32 \
+        --sizes 1024,512 --workers 2 2>&1 | tee "$WORK/frame_feed.txt"
     left=${#PROFILES[@]}
     for spec in "${PROFILES[@]}"; do
         # Each run gets an equal share of what is left; quick runs leave more to later ones.

@@ -14,8 +14,10 @@ reciprocal and can differ in the last bit), so GPU frames are bitwise equal too.
 
 Memory stays flat as the video grows (``LazyFrames``, the default): a small cache of resized
 uint8 frames around the access point, filled ahead in the direction of travel by background
-threads (see ``frames_lazy``). ``preload_all=True`` keeps every normalised frame resident
-instead, as the reference does (``PreloadedFrames``, for benchmarks).
+threads (see ``frames_lazy``); the frame after the one asked for is normalised (CPU) or
+uploaded through pinned memory (CUDA) ahead, off the tracker's path (``frames_feed``).
+``preload_all=True`` keeps every normalised frame resident instead, as the reference does
+(``PreloadedFrames``, for benchmarks).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def _default_workers() -> int:
 def open_frames(video_path: Any, image_size: int, device: torch.device | str = "cpu", *,
                 offload_video_to_cpu: bool = False, async_loading: bool = False,
                 preload_all: bool = False, prefetch: int = 8, cache_size: int | None = None,
-                workers: int | None = None, img_mean: Sequence[float] = IMAGENET_MEAN,
+                workers: int | None = None, fast_feed: bool = True,
+                img_mean: Sequence[float] = IMAGENET_MEAN,
                 img_std: Sequence[float] = IMAGENET_STD) -> FrameSource:
     """Open a video for the predictor. See the module docstring for sources and numerics.
 
@@ -119,7 +122,9 @@ def open_frames(video_path: Any, image_size: int, device: torch.device | str = "
     Lazy sources (the default) always work in the background: ``prefetch`` frames ahead,
     at most ``cache_size`` resident (default ``prefetch + 4``), ``workers`` resize threads
     (default: half the cores, at most 4). ``async_loading`` only matters with ``preload_all``,
-    where it loads all frames but frame 0 in a background thread.
+    where it loads all frames but frame 0 in a background thread. ``fast_feed`` (lazy
+    sources on CUDA): upload through pinned buffers, asynchronously, one frame ahead;
+    ``False`` restores the plain synchronous upload (for benchmarks; same frames).
     """
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size <= 0:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -132,12 +137,13 @@ def open_frames(video_path: Any, image_size: int, device: torch.device | str = "
                                   async_loading=async_loading)
         else:
             src = LazyFrames(decoder, int(image_size), target, img_mean, img_std, prefetch=prefetch,
-                             cache_size=cache_size, workers=workers or _default_workers())
+                             cache_size=cache_size, workers=workers or _default_workers(),
+                             fast_feed=fast_feed)
     except BaseException:
         decoder.close()
         raise
     src.recipe = dict(video_path=video_path, image_size=int(image_size), device=device,
                       offload_video_to_cpu=offload_video_to_cpu, async_loading=async_loading,
                       preload_all=preload_all, prefetch=prefetch, cache_size=cache_size,
-                      workers=workers, img_mean=tuple(img_mean), img_std=tuple(img_std))
+                      workers=workers, fast_feed=fast_feed, img_mean=tuple(img_mean), img_std=tuple(img_std))
     return src

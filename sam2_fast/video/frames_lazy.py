@@ -21,6 +21,7 @@ then decodes it itself and gets the real error.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -29,14 +30,22 @@ import torch
 
 from sam2_fast.video.frames_base import FrameSource
 from sam2_fast.video.frames_decode import Decoder
+from sam2_fast.video.frames_feed import DeviceFeed, HostFeed, _AheadFeed
 
 
 class LazyFrames(FrameSource):
-    """See the module docstring. ``prefetch=0`` turns all background work off."""
+    """See the module docstring. ``prefetch=0`` turns all background work off.
+
+    ``fast_feed`` (default) prepares the frame after the one asked for ahead (``frames_feed``:
+    on CUDA pinned buffers and an asynchronous upload, on the CPU normalised on a worker);
+    ``fast_feed=False`` normalises (and uploads, synchronously) on the caller's thread, as
+    before (kept for benchmarks; the frames are the same bits). ``wait_s`` / ``produce_s``:
+    seconds the caller spent blocked on the prefetcher / decoding a frame itself (misses).
+    """
 
     def __init__(self, decoder: Decoder, image_size: int, device: torch.device,
                  mean: Sequence[float], std: Sequence[float], prefetch: int = 8,
-                 cache_size: int | None = None, workers: int = 2) -> None:
+                 cache_size: int | None = None, workers: int = 2, fast_feed: bool = True) -> None:
         super().__init__(decoder, image_size, device, mean, std)
         if prefetch < 0 or workers < 1:
             raise ValueError(f"need prefetch >= 0 and workers >= 1, got {prefetch}, {workers}")
@@ -51,6 +60,17 @@ class LazyFrames(FrameSource):
         self._cv = threading.Condition()
         self._cursor, self._step = 0, 1
         self.peak_resident = 0
+        self.wait_s = 0.0
+        self.produce_s = 0.0
+        self._feed: _AheadFeed | None = None
+        kind = torch.device(device).type
+        if fast_feed and kind == "cuda":
+            self._feed = DeviceFeed(self._normalize, (3, self.image_size, self.image_size),
+                                    ring_size=self.prefetch)
+        elif fast_feed and kind == "cpu" and self.prefetch > 0:
+            # (prefetch 0: no worker threads, so nothing to hand the work to and nothing
+            # contending with torch's intra-op pool: the plain path is the faster one)
+            self._feed = HostFeed(self._normalize, _submitter(weakref.ref(self)))
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self[0]  # fail early on a broken source; frame 0 is what init_state asks first
@@ -147,20 +167,41 @@ class LazyFrames(FrameSource):
     # -- access ----------------------------------------------------------------------------------
     def __getitem__(self, idx: int) -> torch.Tensor:
         i = self.check_index(idx)
+        if self._feed is None:
+            return self.normalize(self._get_u8(i))
+        out = self._feed.get(i, lambda: self._get_u8(i))
+        with self._cv:  # (a frame uploaded ahead skipped _get_u8: move the window here too)
+            self._move_cursor(i)
+            nxt = i + self._step
+            ahead = self._cache.get(nxt) if self._feed.wants(nxt) else None
+        if ahead is not None:  # already cached: upload it now, its copy overlaps this frame
+            self._feed.stage(nxt, ahead)
+        return out
+
+    def _move_cursor(self, i: int) -> None:  # with the cv held
+        if i != self._cursor:
+            self._step = 1 if i > self._cursor else -1
+            self._cursor = i
+            self._cv.notify_all()  # the window moved: wake the prefetcher
+
+    def _get_u8(self, i: int) -> torch.Tensor:
+        """Frame ``i`` as (3, S, S) uint8 CPU: cached, waited for, or decoded here."""
         with self._cv:
-            if i != self._cursor:
-                self._step = 1 if i > self._cursor else -1
-                self._cursor = i
-                self._cv.notify_all()  # the window moved: wake the prefetcher
-            while i not in self._cache and i in self._pending:
-                self._cv.wait()  # being produced in the background
+            self._move_cursor(i)
+            if i not in self._cache and i in self._pending:
+                t0 = time.perf_counter()
+                while i not in self._cache and i in self._pending:
+                    self._cv.wait()  # being produced in the background
+                self.wait_s += time.perf_counter() - t0
             frame = self._cache.get(i)
             if frame is None:
                 self._pending.add(i)
                 keep = self._keep_predicate()
         if frame is None:
+            t0 = time.perf_counter()
             frame = self._produce_now(i, keep)
-        return self.normalize(frame)
+            self.produce_s += time.perf_counter() - t0
+        return frame
 
     def _produce_now(self, i: int, keep: Callable[[int], bool]) -> torch.Tensor:
         try:
@@ -192,9 +233,22 @@ class LazyFrames(FrameSource):
             self._pool.shutdown(wait=threading.current_thread() not in _pool_threads(self._pool))
 
     def _release(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
         with self._cv:
             self._cache.clear()
             self._pending.clear()
+
+
+def _submitter(ref: "weakref.ref[LazyFrames]") -> Callable[..., Any]:
+    """``submit`` on the source's pool, holding the source weakly: a bound method would make
+    a cycle, and the prefetch thread (which holds the source during its waits) would keep
+    the garbage collector from ever finding the dropped source unreferenced."""
+    def submit(fn: Callable[..., Any], *args: Any) -> Any:
+        src = ref()
+        pool = None if src is None else src._pool
+        return None if pool is None else pool.submit(fn, *args)
+    return submit
 
 
 def _pool_threads(pool: ThreadPoolExecutor) -> set[threading.Thread]:
