@@ -101,6 +101,9 @@ quick)
     timeout -k 5 110 "$PY" -m pytest tests/kernels -m cuda -q -rA -p no:cacheprovider -x \
         --junitxml="$WORK/junit_kernels_cuda.xml" 2>&1 | tail -40 | tee "$WORK/pytest_kernels_cuda.txt"
     echo "== kernel tests done after $(elapsed)s"
+    # 2b. the frame feed's first GPU run (pinned ring, async upload; opt-in until this passes)
+    timeout -k 5 40 "$PY" -m pytest tests/test_frames.py tests/test_eager_glue.py -m cuda -q -rA -p no:cacheprovider \
+        2>&1 | tail -15 | tee "$WORK/pytest_frames_cuda.txt"
     # 3. tiny @480p, eager (no compile: the first H200 run spent > 5 min compiling the
     #    cuda-graphs row): ours bf16 with and without the kernel slots vs the reference bf16
     #    eager, 1 and 8 objects; the selection layer's choices print per row
@@ -111,6 +114,9 @@ quick)
     #     reference; hard stop 30 s, before the profiles, which take whatever time is left)
     left=$(( LIMIT - $(elapsed) - 10 )); [ "$left" -ge 90 ] && timeout -k 5 30 "$PY" benchmarks/op_census.py \
         --dtype bf16 "${CENSUS[@]}" --json "$WORK/op_census_bf16.json" 2>&1 | tee "$WORK/op_census.txt"
+    # 3c. the frame feed, fast vs plain (decides whether SAM2_FAST_CUDA_FEED becomes the default)
+    left=$(( LIMIT - $(elapsed) - 10 )); [ "$left" -ge 90 ] && timeout -k 5 30 "$PY" benchmarks/bench_frame_feed.py \
+        --device cuda --frames 24 --sizes 1024 --workers 2 2>&1 | tail -20 | tee "$WORK/frame_feed.txt"
     # 4. where the eager frame goes (top kernels/ops per stage), ours then the reference: the
     #    first H200 run found our eager bf16 slower than the reference's (32 vs 20 ms/frame)
     for impl in ours reference; do

@@ -370,11 +370,13 @@ def test_truncated_video_reports_the_decodable_frames(tmp_path, small_mp4):
 
 
 @pytest.mark.cuda
-@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_frames_bitwise_equal_cpu(small_mp4):
-    with open_frames(small_mp4, 64, "cuda") as gpu, open_frames(small_mp4, 64, "cpu") as cpu:
-        for i in (0, 5, 39, 12):
+@pytest.mark.parametrize("fast_feed", [None, True, False])
+def test_cuda_frames_bitwise_equal_cpu(small_mp4, fast_feed):
+    # True: the pinned-ring / async-upload feed (opt-in on CUDA until this has passed and
+    # bench_frame_feed.py has timed it on a GPU); None: the default
+    with open_frames(small_mp4, 64, "cuda", fast_feed=fast_feed) as gpu, open_frames(small_mp4, 64, "cpu") as cpu:
+        for i in (0, 5, 39, 12, 13, 14, 2):
             g = gpu[i]
             assert g.is_cuda and torch.equal(g.cpu(), cpu[i])
     with open_frames(small_mp4, 64, "cuda", offload_video_to_cpu=True) as off:
@@ -572,3 +574,14 @@ def test_mutation_fused_normalisation_is_caught(small_mp4, monkeypatch):
     with open_frames(small_mp4, 32, prefetch=3) as src:
         got = [src[i] for i in range(8)]
     assert not all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_feed_default_is_on_for_cpu_and_opt_in_for_cuda(monkeypatch):
+    from sam2_fast.video import frames_lazy
+
+    monkeypatch.delenv(frames_lazy.FEED_ENV, raising=False)
+    assert frames_lazy.feed_default("cpu") and not frames_lazy.feed_default("cuda")
+    monkeypatch.setenv(frames_lazy.FEED_ENV, "1")
+    assert frames_lazy.feed_default("cuda")
+    with open_frames(_moving(3, 8, 8), 8, "cpu", prefetch=2) as src:  # the CPU default takes the feed
+        assert src._feed is not None

@@ -113,7 +113,7 @@ def _default_workers() -> int:
 def open_frames(video_path: Any, image_size: int, device: torch.device | str = "cpu", *,
                 offload_video_to_cpu: bool = False, async_loading: bool = False,
                 preload_all: bool = False, prefetch: int = 8, cache_size: int | None = None,
-                workers: int | None = None, fast_feed: bool = True,
+                workers: int | None = None, fast_feed: bool | None = None,
                 img_mean: Sequence[float] = IMAGENET_MEAN,
                 img_std: Sequence[float] = IMAGENET_STD) -> FrameSource:
     """Open a video for the predictor. See the module docstring for sources and numerics.
@@ -123,8 +123,9 @@ def open_frames(video_path: Any, image_size: int, device: torch.device | str = "
     at most ``cache_size`` resident (default ``prefetch + 4``), ``workers`` resize threads
     (default: half the cores, at most 4). ``async_loading`` only matters with ``preload_all``,
     where it loads all frames but frame 0 in a background thread. ``fast_feed`` (lazy
-    sources on CUDA): upload through pinned buffers, asynchronously, one frame ahead;
-    ``False`` restores the plain synchronous upload (for benchmarks; same frames).
+    sources): prepare the next frame ahead (CUDA: pinned buffers, asynchronous upload);
+    None: on for CPU, on CUDA only with ``SAM2_FAST_CUDA_FEED=1`` until measured on a GPU
+    (``frames_lazy.feed_default``); ``False``: the plain path (same frames).
     """
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size <= 0:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")

@@ -20,6 +20,7 @@ then decodes it itself and gets the real error.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -33,11 +34,26 @@ from sam2_fast.video.frames_decode import Decoder
 from sam2_fast.video.frames_feed import DeviceFeed, HostFeed, _AheadFeed
 
 
+FEED_ENV = "SAM2_FAST_CUDA_FEED"
+
+
+def feed_default(device_type: str) -> bool:
+    """Whether lazy sources prepare frames ahead by default: on the CPU yes (measured: main
+    thread 3.1-3.8 -> 0.11 ms per frame at 1024 px, NOTES "Frame feed"); on CUDA only with
+    ``SAM2_FAST_CUDA_FEED=1`` until a GPU run has checked and timed the pinned/async path
+    (it has run on fake events only; ``benchmarks/bench_frame_feed.py --device cuda`` and
+    ``pytest -m cuda tests/test_frames.py`` are the check)."""
+    if device_type == "cuda":
+        return os.environ.get(FEED_ENV, "0") == "1"
+    return True
+
+
 class LazyFrames(FrameSource):
     """See the module docstring. ``prefetch=0`` turns all background work off.
 
-    ``fast_feed`` (default) prepares the frame after the one asked for ahead (``frames_feed``:
-    on CUDA pinned buffers and an asynchronous upload, on the CPU normalised on a worker);
+    ``fast_feed`` prepares the frame after the one asked for ahead (``frames_feed``: on CUDA
+    pinned buffers and an asynchronous upload, on the CPU normalised on a worker); the
+    default (None) is :func:`feed_default`;
     ``fast_feed=False`` normalises (and uploads, synchronously) on the caller's thread, as
     before (kept for benchmarks; the frames are the same bits). ``wait_s`` / ``produce_s``:
     seconds the caller spent blocked on the prefetcher / decoding a frame itself (misses).
@@ -45,7 +61,7 @@ class LazyFrames(FrameSource):
 
     def __init__(self, decoder: Decoder, image_size: int, device: torch.device,
                  mean: Sequence[float], std: Sequence[float], prefetch: int = 8,
-                 cache_size: int | None = None, workers: int = 2, fast_feed: bool = True) -> None:
+                 cache_size: int | None = None, workers: int = 2, fast_feed: bool | None = None) -> None:
         super().__init__(decoder, image_size, device, mean, std)
         if prefetch < 0 or workers < 1:
             raise ValueError(f"need prefetch >= 0 and workers >= 1, got {prefetch}, {workers}")
@@ -64,6 +80,8 @@ class LazyFrames(FrameSource):
         self.produce_s = 0.0
         self._feed: _AheadFeed | None = None
         kind = torch.device(device).type
+        if fast_feed is None:
+            fast_feed = feed_default(kind)
         if fast_feed and kind == "cuda":
             self._feed = DeviceFeed(self._normalize, (3, self.image_size, self.image_size),
                                     ring_size=self.prefetch)
