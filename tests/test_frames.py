@@ -17,51 +17,13 @@ from sam2_fast.video.frames import (FrameIndexError, FrameSourceError, LazyFrame
                                     normalize_lut, open_frames)
 
 av = pytest.importorskip("av")
+from frames_harness import MEAN, STD, decode_all as _decode_all, expected_frame as _expected  # noqa: E402
+from frames_harness import moving_frames as _moving, write_small_mp4, write_video as _write_video  # noqa: E402
 
 BIKES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bikes.mp4")
-MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-
-
 def _ref_frames(folder: str, size: int) -> tuple[torch.Tensor, int, int]:
     from sam2.utils.misc import load_video_frames as ref_load
     return ref_load(folder, size, offload_video_to_cpu=True, compute_device=torch.device("cpu"))
-
-
-def _expected(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """The reference's per-frame maths (PIL resize, /255 in float64, float32 normalisation)."""
-    arr = np.array(Image.fromarray(rgb).convert("RGB").resize((size, size))) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32)
-    return (x - MEAN) / STD
-
-
-def _moving(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """(n, h, w, 3) uint8 smooth moving pattern plus noise (codecs keep it distinct)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = [np.stack([(xx * 5 + t * 7) % 256, (yy * 7 + t * 3) % 256, ((xx + yy + t) * 4) % 256], -1)
-           for t in range(n)]
-    noise = rng.integers(0, 24, (n, h, w, 3))
-    return np.clip(np.stack(out) + noise, 0, 255).astype(np.uint8)
-
-
-def _write_video(path: str, frames: np.ndarray, codec: str = "libx264", gop: int = 6) -> None:
-    opts = {"x264-params": "bframes=2:b-adapt=0"} if codec == "libx264" else {}
-    c = av.open(path, "w")
-    s = c.add_stream(codec, rate=10, options=opts)
-    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-    s.codec_context.gop_size = gop
-    for a in frames:
-        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-
-
-def _decode_all(path: str) -> list[np.ndarray]:
-    with av.open(path) as c:
-        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
 def _write_jpegs(folder, frames: np.ndarray, names: list[str], fmt: str = "JPEG") -> None:
@@ -170,9 +132,7 @@ def test_bad_arrays_raise_clear_errors(bad, match):
 # ----------------------------------------------------------------------------- video files
 @pytest.fixture(scope="module")
 def small_mp4(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("vid") / "clip.mp4")
-    _write_video(path, _moving(40, 32, 48, seed=4), gop=9)
-    return path
+    return write_small_mp4(str(tmp_path_factory.mktemp("vid") / "clip.mp4"))
 
 
 def test_mp4_has_bframes_and_random_access_matches_sequential(small_mp4):
@@ -421,167 +381,3 @@ def test_dropped_source_releases_its_thread(small_mp4):
         time.sleep(0.05)
     assert not thread.is_alive()
     assert threading.active_count() < 50
-
-
-# ----------------------------------------------------------------------------- frame feed
-# (sam2_fast.video.frames_feed: the next frame prepared ahead; CUDA: pinned ring + async copy)
-from sam2_fast.video.frames_base import Normalizer  # noqa: E402
-from sam2_fast.video.frames_feed import DeviceFeed, PinnedRing  # noqa: E402
-
-EVERY_BYTE = torch.arange(3 * 256 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 32, 32)
-
-
-class _FakeEvent:
-    """A copy that is still in flight until someone waits for it: it reads its source
-    buffer only then (as a DMA engine reads a pinned buffer some time after the launch)."""
-
-    def __init__(self, run=None) -> None:
-        self._run, self.done = run, run is None
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        if not self.done:
-            self._run()
-            self.done = True
-
-
-class _FakeOps:
-    """CPU stand-in for CudaOps: deferred copies, the consumer 'stream' waits on the event."""
-
-    pin = False
-
-    def __init__(self) -> None:
-        self.pending = 0
-
-    def upload(self, host):
-        dev = torch.empty_like(host)
-        return dev, _FakeEvent(lambda: dev.copy_(host))
-
-    def hand_over(self, dev, event) -> None:
-        event.synchronize()
-
-
-def test_normalize_variants_bitwise_equal_for_every_byte():
-    norm = Normalizer(torch.device("cpu"), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    want = norm(EVERY_BYTE)  # the reference's float32 ops (torch, CPU)
-    assert torch.equal(norm.in_numpy(EVERY_BYTE), want)
-    assert torch.equal(norm.on_device(EVERY_BYTE), want)  # the CUDA table gather, run on CPU
-
-
-def test_pinned_ring_never_hands_out_a_buffer_still_read():
-    ring = PinnedRing(3, (2,), pin=False)
-    events, seen = [], []
-    for step in range(10):
-        k, buf = ring.acquire()
-        # whatever was recorded for this slot before must be complete by now
-        assert all(ev.done for slot, ev in events if slot == k), step
-        ev = _FakeEvent(lambda: None)
-        ring.release(k, ev)
-        events.append((k, ev))
-        seen.append(k)
-    assert seen[:4] == [0, 1, 2, 0] and ring.stalls == 7  # nothing ever completed by itself
-    ring2 = PinnedRing(2, (2,), pin=False)
-    k, _ = ring2.acquire()
-    done = _FakeEvent()
-    ring2.release(k, done)
-    ring2.acquire(), ring2.acquire()
-    assert ring2.stalls == 0  # a completed copy frees its slot without a wait
-
-
-def _feed_pattern() -> list[int]:
-    rng = random.Random(11)
-    # jumps leave uploads issued ahead unconsumed while their ring slot comes round again
-    return [0, 1, 2, 5, 1, 6, 7, 3, 4, 9, 2, 30, 31, 32, 10] + [rng.randrange(40) for _ in range(25)]
-
-
-def _walk_with_fake_device_feed(path: str, ring: int, ahead: int) -> tuple[list[torch.Tensor], DeviceFeed]:
-    src = open_frames(path, 24, prefetch=4, workers=2)
-    feed = src._feed = DeviceFeed(src._normalize, (3, 24, 24), ring_size=ring, ops=_FakeOps(), ahead=ahead)
-    got, prev = [], 0
-    try:
-        for i in _feed_pattern():
-            _settle(src, i, reverse=i < prev)  # the next frame is cached: get(i) uploads it ahead
-            got.append(src[i])
-            prev = i
-        return got, feed
-    finally:
-        src.close()
-
-
-def _settle(src: LazyFrames, i: int, reverse: bool) -> None:
-    import time
-
-    src.hint(i, reverse=reverse)
-    for _ in range(200):
-        with src._cv:
-            if not src._pending and src._next_target() is None:
-                return
-        time.sleep(0.01)
-
-
-def test_device_feed_frames_bitwise_equal_plain_with_async_copies(small_mp4):
-    with open_frames(small_mp4, 24, prefetch=0, fast_feed=False) as plain:
-        want = [plain[i] for i in _feed_pattern()]
-    got, feed = _walk_with_fake_device_feed(small_mp4, ring=2, ahead=2)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert feed.hits >= 8 and feed.stalls > 0  # uploads ahead were used and the ring did wait
-
-
-def test_mutation_ring_ignoring_events_is_caught(small_mp4, monkeypatch):
-    def careless_acquire(self):  # planted bug: reuse a buffer whose copy has not run yet
-        k = self._next
-        self._next = (k + 1) % len(self.buffers)
-        return k, self.buffers[k]
-
-    monkeypatch.setattr(PinnedRing, "acquire", careless_acquire)
-    with open_frames(small_mp4, 24, prefetch=0, fast_feed=False) as plain:
-        want = [plain[i] for i in _feed_pattern()]
-    got, _ = _walk_with_fake_device_feed(small_mp4, ring=2, ahead=2)
-    assert not all(torch.equal(g, w) for g, w in zip(got, want))
-
-
-@pytest.mark.parametrize("workers", [1, 3])
-def test_host_feed_frames_bitwise_equal_plain(small_mp4, workers):
-    pattern = list(range(40)) + list(range(39, -1, -1)) + _feed_pattern()
-    with open_frames(small_mp4, 32, prefetch=0, fast_feed=False) as plain:
-        want = {i: plain[i] for i in set(pattern)}
-    with open_frames(small_mp4, 32, prefetch=0) as src:
-        assert src._feed is None  # no workers: the plain path
-    with open_frames(small_mp4, 32, prefetch=5, workers=workers) as src:
-        assert src._feed is not None
-        for i in pattern:  # tight loop: whatever the prefetcher managed, same bits
-            assert torch.equal(src[i], want[i]), i
-        before = src._feed.hits
-        for i in range(40):  # the next frame cached each time: served from frames done ahead
-            _settle(src, i, reverse=False)
-            assert torch.equal(src[i], want[i]), i
-        assert src._feed.hits - before >= 35
-
-
-def test_mutation_fused_normalisation_is_caught(small_mp4, monkeypatch):
-    # x * 1/(255 std) - mean/std is 2 ops instead of 4 but not bitwise the reference's
-    scale = (1.0 / (255.0 * STD)).numpy().astype(np.float32)
-    shift = (-MEAN / STD).numpy().astype(np.float32)
-
-    def fused(self, frame_u8):
-        return torch.from_numpy(frame_u8.numpy().astype(np.float32) * scale + shift)
-
-    monkeypatch.setattr(Normalizer, "in_numpy", fused)
-    with open_frames(small_mp4, 32, prefetch=0, fast_feed=False) as plain:
-        want = [plain[i] for i in range(8)]
-    with open_frames(small_mp4, 32, prefetch=3) as src:
-        got = [src[i] for i in range(8)]
-    assert not all(torch.equal(g, w) for g, w in zip(got, want))
-
-
-def test_feed_default_is_on_for_cpu_and_opt_in_for_cuda(monkeypatch):
-    from sam2_fast.video import frames_lazy
-
-    monkeypatch.delenv(frames_lazy.FEED_ENV, raising=False)
-    assert frames_lazy.feed_default("cpu") and not frames_lazy.feed_default("cuda")
-    monkeypatch.setenv(frames_lazy.FEED_ENV, "1")
-    assert frames_lazy.feed_default("cuda")
-    with open_frames(_moving(3, 8, 8), 8, "cpu", prefetch=2) as src:  # the CPU default takes the feed
-        assert src._feed is not None
