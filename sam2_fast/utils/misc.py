@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from sam2_fast.utils.masks import connected_components
+from sam2_fast.utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sam2_fast.utils.masks import fill_holes_in_mask_scores as _fill_holes
 
 __all__ = [
@@ -37,8 +38,7 @@ __all__ = [
     "concat_points",
 ]
 
-IMG_MEAN = (0.485, 0.456, 0.406)
-IMG_STD = (0.229, 0.224, 0.225)
+IMG_MEAN, IMG_STD = IMAGENET_MEAN, IMAGENET_STD  # the official module's names
 
 
 def get_sdpa_settings() -> Tuple[bool, bool, bool]:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sam2_fast.utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sam2_fast.video.frames_base import FrameSource, normalize_lut
 from sam2_fast.video.frames_decode import Decoder, open_decoder
 from sam2_fast.video.frames_errors import FrameIndexError, FrameSourceError, VideoNotFoundError
@@ -45,8 +46,6 @@ __all__ = [
     "VideoNotFoundError",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class PreloadedFrames(FrameSource):
