@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -154,7 +155,22 @@ def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resum
     assert sum(w["videos"] for w in per) == 6 and all(w["frames_per_s"] > 0 for w in per if w["frames"])
     assert f"6 done (0 already done), 3 failed; {sum(LENGTHS)} frames tracked" in res.out
     assert_same_as_track(out, reference, [f"v{i}" for i in range(6)])
-    assert tmp_leftovers(str(out)) == [] and not (out / "late").exists()
+    assert tmp_leftovers(str(out)) == [] and os.listdir(out / "late") == [W.FAILED_MARKER]
+    assert recs[6].get("input_error") and not recs[5].get("input_error")  # (a bad line never reached a worker)
+
+    # a rerun of the same manifest: the input failure is reported again, not retried
+    from sam2_fast.cli import _parser
+    from sam2_fast.commands import track_many
+
+    def plan(manifest, *extra):
+        args = _parser().parse_args(["track-many", str(manifest), *_model(ckpt), *OPTS, *extra, "--out", str(out)])
+        return track_many.plan(args, str(out), lambda _m: None)
+
+    _, records, pending = plan(bad)
+    assert pending == [] and records[6]["status"] == "failed" and records[6]["skipped"]
+    assert records[6]["error"] == recs[6]["error"] and records[6]["input_error"]
+    _, records, pending = plan(bad, "--retry-failed")
+    assert [t.name for t in pending] == ["late"]
 
     # the same videos again (from another manifest naming them the same way): nothing to do
     monkeypatch.delenv(W.FAULT_ENV)
@@ -175,10 +191,15 @@ def test_local_pool_equals_track_survives_a_kill_fails_bad_lines_alone_and_resum
     assert all(after[f] == t for f, t in before.items() if not f.startswith("v1"))
     assert_same_as_track(out, reference, ["v1"])
 
-    # other outputs asked for: another options hash, so every video is to be redone
-    from sam2_fast.cli import _parser
-    from sam2_fast.commands import track_many
+    # the data set moved (another folder, a manifest naming the new paths): still done
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    moved_manifest = tmp_path / "moved.jsonl"
+    moved_manifest.write_text("".join(json.dumps({**l, "video": str(moved / l["video"])}) + "\n" for l in lines))
+    _, records, pending = plan(moved_manifest)
+    assert pending == [] and all(r["skipped"] and r["status"] == "done" for r in records.values())
 
+    # other outputs asked for: another options hash, so every video is to be redone
     args = _parser().parse_args(["track-many", str(good), *_model(ckpt), "--save", "png", "--out", str(out)])
     _, records, pending = track_many.plan(args, str(out), lambda _m: None)
     assert records == {} and sorted(t.name for t in pending) == [f"v{i}" for i in range(6)]

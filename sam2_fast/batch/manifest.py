@@ -264,15 +264,26 @@ def file_identity(path: str) -> List[Any]:
     return [st.st_size, h.hexdigest()[:16]]
 
 
+def video_identity(video: str) -> List[Any]:
+    """The video's name and size (a JPEG folder: its name, frame count and bytes), not its
+    path: a data set moved or mounted elsewhere (with its manifest) is still done."""
+    name = os.path.basename(os.path.normpath(video))
+    if os.path.isfile(video):
+        return [name, os.path.getsize(video)]
+    with os.scandir(video) as it:
+        sizes = [e.stat().st_size for e in it if e.is_file()]
+    return [name, len(sizes), sum(sizes)]
+
+
 def options_hash(task: Task, model: Dict[str, Any]) -> str:
-    """A hash of everything that decides a video's outputs: the video (path and size), its
-    prompts and frame options, the outputs asked for, and the model (name, checkpoint
-    identity, image size, dtype, runtime). The device is left out on purpose: moving a
-    half-done run from one GPU type to another should not redo the finished videos."""
-    size = os.path.getsize(task.video) if os.path.isfile(task.video) else len(os.listdir(task.video))
+    """A hash of everything that decides a video's outputs: the video (name and size, see
+    ``video_identity``), its prompts and frame options, the outputs asked for, and the model
+    (name, checkpoint identity, image size, dtype, runtime). The device is left out on
+    purpose: moving a half-done run from one GPU type to another should not redo the
+    finished videos."""
     prompts = [[f, o, p.points, p.labels, p.box, p.mask_path and file_identity(p.mask_path)]
                for (f, o), p in task.prompts.items()]
-    spec = {"video": task.video, "video_size": size, "prompts": prompts, "start": task.start,
+    spec = {"video": video_identity(task.video), "prompts": prompts, "start": task.start,
             "max_frames": task.max_frames, "reverse": task.reverse, "kinds": sorted(task.kinds),
             "dtype": task.dtype, "model": model}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:32]

@@ -22,6 +22,11 @@ from sam2_fast.commands import outputs as O
 
 MARKER = "done.json"
 MARKER_VERSION = 1
+# A video whose inputs cannot work (a prompt past the end, an undecodable file) gets this
+# marker instead: a rerun with the same options reports the failure again without
+# re-decoding the video (``--retry-failed`` tries it anyway). Worker deaths and device
+# out-of-memory are not written here: another machine or a rerun may pass.
+FAILED_MARKER = "failed.json"
 # The test hook that kills a worker mid-video: NAME=FLAGFILE. The worker tracking video NAME
 # exits the process (os._exit, as a kill or the OOM killer would end it) after writing its
 # first frame, unless FLAGFILE exists; it creates FLAGFILE first, so only the first try dies.
@@ -77,6 +82,26 @@ def read_complete(task: Task) -> Optional[Dict[str, Any]]:
     return marker
 
 
+def read_failed(task: Task) -> Optional[Dict[str, Any]]:
+    """The marker of a video that failed on its inputs with the current options, else None."""
+    try:
+        with open(os.path.join(task.out, FAILED_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("version") != MARKER_VERSION or marker.get("options") != task.options:
+        return None
+    return marker if isinstance(marker.get("error"), str) else None
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Would the same inputs fail the same way again? (user errors, bad or undecodable videos,
+    prompts that do not fit the video; ``FrameSourceError`` is a ValueError)."""
+    from sam2_fast.commands.models import CliError
+
+    return isinstance(exc, (CliError, ValueError))
+
+
 def clear_partial(out: str) -> None:
     """Remove what a previous, unfinished try left (only the files track writes, and the
     temporary files of a try that was killed mid-write)."""
@@ -85,7 +110,7 @@ def clear_partial(out: str) -> None:
     except OSError:
         return
     for name in names:
-        if name in (MARKER, "overlay.mp4") or (name.startswith(".") and name.endswith(".tmp")):
+        if name in (MARKER, FAILED_MARKER, "overlay.mp4") or (name.startswith(".") and name.endswith(".tmp")):
             os.remove(os.path.join(out, name))
     for sub in ("masks", "rle"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
@@ -156,8 +181,22 @@ class Worker:
             retry = _is_device_oom(exc)
             if retry:
                 _free_device_memory(self.device)
-            return record(task, "failed", self.wid, seconds=time.perf_counter() - t0, error=describe_error(exc),
-                          retry=retry)
+            error = describe_error(exc)
+            rec = record(task, "failed", self.wid, seconds=time.perf_counter() - t0, error=error, retry=retry)
+            if not retry and is_input_error(exc):
+                rec["input_error"] = True
+                _write_failed(task, error, self.wid)
+            return rec
+
+
+def _write_failed(task: Task, error: str, wid: str) -> None:
+    try:
+        os.makedirs(task.out, exist_ok=True)
+        O.write_json(os.path.join(task.out, FAILED_MARKER), {
+            "version": MARKER_VERSION, "options": task.options, "error": error, "worker": wid,
+            "video": task.video})
+    except OSError:  # the record still says why; a rerun then simply tries again
+        pass
 
 
 def _remove_empty(out: str) -> None:

@@ -4,7 +4,10 @@ Lines manifest, on local worker processes (default) or a Ray cluster (``--ray``)
 Each line's outputs go to ``OUT/NAME/`` in the formats of ``sam2-fast track`` (NAME: the
 line's ``id``, else the video's file name without extension), with ``OUT/NAME/done.json``
 written last. A rerun skips the videos whose outputs are complete for the same options
-and redoes the rest. ``OUT/status.jsonl`` gets one record per manifest line (done or
+(a video is known by its name and size, not its path: a moved data set stays done) and
+redoes the rest; a video that failed on its inputs (``OUT/NAME/failed.json``: a prompt
+past the end, an undecodable file) is reported again, not retried, unless
+``--retry-failed``. ``OUT/status.jsonl`` gets one record per manifest line (done or
 failed with the reason, frames, seconds, worker, tries), ``OUT/summary.json`` the totals.
 The exit status is 1 when any video failed.
 """
@@ -19,7 +22,7 @@ from typing import Any, Dict, List, Optional
 from sam2_fast.batch.manifest import (BadLine, Task, file_identity, options_hash, probe_frames, read_manifest,
                                       work_frames)
 from sam2_fast.batch.scheduler import RunResult, run_tasks
-from sam2_fast.batch.worker import FAULT_ENV, ModelSpec, read_complete, record
+from sam2_fast.batch.worker import FAULT_ENV, ModelSpec, read_complete, read_failed, record
 from sam2_fast.commands import outputs as O
 from sam2_fast.commands.models import CliError, add_model_args, find_checkpoint, overrides, pick_device, resolve_model
 from sam2_fast.commands.track import SAVE_KINDS, save_kinds
@@ -58,6 +61,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to join (implies --ray)")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="tries per video when its worker dies (killed, out of memory) before it is failed (default 3)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="track again the videos that failed on their inputs in an earlier run with the same options "
+                        "(a prompt past the end, an undecodable video); by default they are reported, not retried")
 
 
 def _fault_hook(tasks: List[Task]) -> None:
@@ -104,12 +110,19 @@ def plan(args: argparse.Namespace, out: str, log) -> tuple:
             rec = record(e, "done", marker.get("worker"), marker["frames"], marker.get("seconds", 0.0))
             records[e.line] = {**rec, "skipped": True, "attempts": 0}
             continue
+        failed = None if args.retry_failed else read_failed(e)
+        if failed is not None:  # the same inputs failed before: say so again, do not redo it
+            rec = record(e, "failed", failed.get("worker"), error=failed["error"])
+            records[e.line] = {**rec, "skipped": True, "input_error": True, "attempts": 0}
+            continue
         e.frames = work_frames(e, probe_frames(e.video))
         pending.append(e)
     _fault_hook(pending)
-    skipped = sum(1 for r in records.values() if r.get("skipped"))
-    log(f"{len(records) + len(pending)} videos: {len(pending)} to track, {skipped} already done, "
-        f"{len(records) - skipped} unusable")
+    done = sum(1 for r in records.values() if r.get("skipped") and r["status"] == "done")
+    known = sum(1 for r in records.values() if r.get("skipped") and r["status"] == "failed")
+    log(f"{len(records) + len(pending)} videos: {len(pending)} to track, {done} already done, "
+        + (f"{known} failed before on their inputs (--retry-failed to try again), " if known else "")
+        + f"{len(records) - done - known} unusable")
     return spec, records, pending
 
 
@@ -145,13 +158,16 @@ def _run_ray(args, spec: ModelSpec, pending: List[Task], result: RunResult, log)
 def summarize(records: Dict[int, Dict[str, Any]], result: RunResult) -> Dict[str, Any]:
     recs = list(records.values())
     tracked = [r for r in recs if r["status"] == "done" and not r.get("skipped")]
+    # "skipped": done before, or failed before on the same inputs (counted under "failed" too)
     frames = sum(r["frames"] for r in tracked)
     wall = result.wall
     per_worker = {w: {"videos": s.videos, "frames": s.frames, "seconds": round(s.seconds, 3),
                       "frames_per_s": round(s.frames / s.seconds, 3) if s.seconds else 0.0}
                   for w, s in sorted(result.workers.items())}
     return {"videos": len(recs), "done": sum(r["status"] == "done" for r in recs),
-            "skipped": sum(bool(r.get("skipped")) for r in recs), "tracked": len(tracked),
+            "skipped": sum(bool(r.get("skipped")) and r["status"] == "done" for r in recs),
+            "failed_before": sum(bool(r.get("skipped")) and r["status"] == "failed" for r in recs),
+            "tracked": len(tracked),
             "failed": sum(r["status"] == "failed" for r in recs), "frames": frames, "seconds": round(wall, 3),
             "frames_per_s": round(frames / wall, 3) if wall else 0.0,
             "videos_per_hour": round(3600 * len(tracked) / wall, 1) if wall else 0.0,
@@ -198,7 +214,8 @@ def run(args: argparse.Namespace, log=print) -> int:
 
 
 def _log_summary(s: Dict[str, Any], out: str, log) -> None:
-    log(f"{s['videos']} videos: {s['done']} done ({s['skipped']} already done), {s['failed']} failed; "
+    before = f" ({s['failed_before']} known from an earlier run)" if s.get("failed_before") else ""
+    log(f"{s['videos']} videos: {s['done']} done ({s['skipped']} already done), {s['failed']} failed{before}; "
         f"{s['frames']} frames tracked in {s['seconds']:.1f} s ({s['frames_per_s']:.2f} frames/s, "
         f"{s['videos_per_hour']:.0f} videos/hour)")
     for w, st in s["workers"].items():

@@ -56,18 +56,26 @@ class PositionEmbeddingSine(nn.Module):
     @torch.no_grad()
     def table(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """The (num_pos_feats, H, W) encoding, cached per (H, W)."""
+        if torch.compiler.is_compiling():
+            # traced inline, the cache untouched: dynamo would guard on the dict's keys, and
+            # the entry its first trace added made the next call recompile the whole image
+            # encoder / memory encoder (inductor folds this sin/cos into the output write)
+            return self._build(height, width, device)
         key = (int(height), int(width))
         cached = self._tables.get(key)
         if cached is None or cached.device != device:
-            half = self.num_pos_feats
-            rows = self._axis_code(height, device).t()  # (half, H)
-            cols = self._axis_code(width, device).t()  # (half, W)
-            cached = torch.cat(
-                (rows[:, :, None].expand(half, height, width), cols[:, None, :].expand(half, height, width)),
-                dim=0,
-            )  # (2*half, H, W)
+            cached = self._build(height, width, device)
             self._tables[key] = cached
         return cached
+
+    def _build(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        half = self.num_pos_feats
+        rows = self._axis_code(height, device).t()  # (half, H)
+        cols = self._axis_code(width, device).t()  # (half, W)
+        return torch.cat(
+            (rows[:, :, None].expand(half, height, width), cols[:, None, :].expand(half, height, width)),
+            dim=0,
+        )  # (2*half, H, W)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ mask (B, 1, ...), ious (B, M), obj_ptr (B, C) and object_score_logits (B, 1).
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,6 +27,16 @@ NO_OBJ_SCORE = -1024.0
 _MASK_LOGIT_SCALE, _MASK_LOGIT_BIAS = 20.0, -10.0
 
 HeadOutputs = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+# True while the mask decoder decodes a prompt (clicks, a box, a mask) rather than tracks.
+# The fast runtime reads it to run those calls eagerly: their token count changes with every
+# click, and a compiled or graphed decoder compiled / captured once more per count.
+_PROMPTED_DECODE: ContextVar[bool] = ContextVar("sam2_fast_prompted_decode", default=False)
+
+
+def prompted_decode() -> bool:
+    """Is the mask decoder call in progress decoding a user prompt (not a tracked frame)?"""
+    return _PROMPTED_DECODE.get()
 
 
 class SamHeadsMixin:
@@ -73,11 +84,15 @@ class SamHeadsMixin:
                                             align_corners=False, antialias=True)  # antialias: downsampling
 
         sparse, dense = self.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=mask_prompt)
-        low_multi, ious, out_tokens, score_logits = self.sam_mask_decoder(
-            image_embeddings=backbone_features, image_pe=self.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=multimask_output, repeat_image=False,  # features are already per object
-            high_res_features=high_res_features)
+        flag = _PROMPTED_DECODE.set(point_inputs is not None or mask_inputs is not None)
+        try:
+            low_multi, ious, out_tokens, score_logits = self.sam_mask_decoder(
+                image_embeddings=backbone_features, image_pe=self.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                multimask_output=multimask_output, repeat_image=False,  # features are already per object
+                high_res_features=high_res_features)
+        finally:
+            _PROMPTED_DECODE.reset(flag)
 
         present = None
         if self.pred_obj_scores:

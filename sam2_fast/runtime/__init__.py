@@ -106,6 +106,7 @@ def enable_fast_runtime(predictor, *, dtype: Optional[torch.dtype] = None, compi
         bank = _install_bank(predictor, s, counters, undo, info, skipped)
         _compile_parts(predictor, s, bank, undo, info, skipped)
         _graph_parts(predictor, s, bank, counters, undo, info, skipped, device)
+        _prompts_run_eager(predictor, undo, info)
         info["autocast"] = None
         if s.autocast:  # on CPU only when asked for (dtype=...): the CPU default is fp32
             dev, cache = s.device_type, not s.cuda_graphs
@@ -207,6 +208,30 @@ def _compile_parts(predictor, s: RuntimeSettings, bank, undo, info, skipped) -> 
         compiled["memory_attention"] = kwargs
     else:
         skipped["compile.memory_attention"] = "no static bank: variable key length would recompile per frame"
+
+
+def _prompts_run_eager(predictor, undo, info) -> None:
+    """Prompted decodes (clicks, boxes, mask prompts) skip the compiled / graphed decoder.
+
+    Their sparse-token count changes with every click (1 click: 2 tokens, 4 clicks: 5, a box
+    and a click: 4 ...), and each new count compiled the decoder again (CPU census: 4 clicks,
+    a box and a box + click = 6 compiles; minutes each under max-autotune on a GPU, and
+    dynamo's recompile limit of 8 then silently turns the decoder eager for good) and
+    captured one more CUDA graph. A prompt is one decoder call per user action, so eager
+    costs nothing the user sees; tracked frames keep the compiled, graphed decoder."""
+    from sam2_fast.modeling.sam2_heads import prompted_decode
+
+    decoder = predictor.sam_mask_decoder
+    fast = decoder.__dict__.get("forward")
+    if fast is None:  # neither compiled nor graphed
+        return
+    eager = type(decoder).forward.__get__(decoder)
+
+    def forward(*args, **kwargs):
+        return (eager if prompted_decode() else fast)(*args, **kwargs)
+
+    undo.append(_patch(decoder, "forward", forward))
+    info["mask_decoder_prompts"] = "eager (token count changes per click)"
 
 
 def _graph_parts(predictor, s: RuntimeSettings, bank, counters, undo, info, skipped, device) -> None:

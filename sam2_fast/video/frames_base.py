@@ -270,8 +270,13 @@ class FrameSource:
         return self.finish_frame(idx, raw)
 
     def normalize(self, frame_u8: torch.Tensor) -> torch.Tensor:
-        """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised."""
-        return self._normalize(frame_u8)
+        """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised.
+
+        Always a normal tensor (not an inference tensor), whichever thread loads it: a
+        compiled image encoder guards on its input's dispatch keys and recompiled when frame
+        0 (caller's thread, in inference mode) and the background-loaded ones differed."""
+        with torch.inference_mode(False):
+            return self._normalize(frame_u8)
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

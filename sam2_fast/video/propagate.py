@@ -50,12 +50,12 @@ def encode_memories(model, session: VideoSession, frame_idx: int, outs: List[Fra
     """Memories of prompted frames, encoded from their final (possibly edited) masks: all
     objects prompted on ``frame_idx`` in one memory-encoder call, stored as row views of
     one tensor (so tracking copies this conditioning slot for all of them at once)."""
-    from sam2_fast.modeling.batched_step import batch_bucket, wants_static_shapes
+    from sam2_fast.modeling.batched_step import step_rows
 
     n = len(outs)
-    # the tracking buckets here too: the memory encoder's compiled code / graph of the
-    # bucket is shared with tracking instead of one more shape per object count
-    rows = batch_bucket(n) if wants_static_shapes(model) else n
+    # the tracking rows here too: the memory encoder's compiled code / graph of the
+    # session's bucket is shared with tracking instead of one more shape per object count
+    rows = step_rows(model, n, session.num_objects)
     _, _, feats, _, sizes = O.frame_features(model, session, frame_idx, batch_size=rows)
     image_hw = (model.image_size, model.image_size)
     low_res = [out["pred_masks"].to(session.device) for out in outs]
@@ -258,10 +258,10 @@ def track_objects(model, session: VideoSession, frame_idx: int, objects: List[Ob
 
     Returns their low-res mask logits (len(objects), 1, S/4, S/4) on the compute device.
     """
-    from sam2_fast.modeling.batched_step import batch_bucket, wants_static_shapes
+    from sam2_fast.modeling.batched_step import step_rows
 
     n = len(objects)
-    rows = batch_bucket(n) if wants_static_shapes(model) else n
+    rows = step_rows(model, n, session.num_objects)
     num_frames = None if session.open_ended else session.num_frames
     # per object: which stored memories / pointers it reads (Python only, validated first)
     plans = [model._memory_plan(frame_idx, obj.outputs, num_frames, reverse) for obj in objects]
