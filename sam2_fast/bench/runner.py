@@ -180,6 +180,7 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
     # Dynamo keeps compiled entries per code object, and every row builds the same classes:
     # without a reset, later rows would hit the recompile limit and silently run eager.
     torch._dynamo.reset()
+    graphs_before = _compiled_graphs()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -230,6 +231,12 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
                     _one_pass(predictor, state, device, None, None, rss, ftimer)
                 res["stage_flops"] = ftimer.mean_flops()
                 res["stage_flops_last"] = ftimer.last_flops()
+    # graphs dynamo compiled for this row (each one autotuned under max-autotune): the
+    # warm-up time divided by this is the cost per graph on this card
+    res["compiled_graphs"] = _compiled_graphs() - graphs_before
+    if res["compiled_graphs"]:
+        log(f"  [{row.key}] compiled {res['compiled_graphs']} graphs; warm-up {res['warmup_s']:.1f}s, "
+            f"state+clicks {res['init_s']:.1f}s")
     info = getattr(predictor, "runtime_info", None)
     if info is not None:
         res["runtime_info"] = info  # what the fast runtime enabled, skipped and counted
@@ -245,6 +252,12 @@ def run_row(row: RowSpec, impl: impls.Impl, case: Case, clip: Clip, weights, dev
     del predictor, state
     gc.collect()
     return res
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _kernel_backends() -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from sam2_fast.batch.manifest import (BadLine, Task, file_identity, options_hash, probe_frames, read_manifest,
                                       work_frames)

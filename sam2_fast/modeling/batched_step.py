@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from sam2_fast.modeling.common import seq_to_map
 from sam2_fast.modeling.memory_gather import MemoryPlan, PaddedMemory, build_memory
 from sam2_fast.profiling import stage
 
@@ -69,10 +70,6 @@ def step_rows(model, n: int, session_objects: int) -> int:
     return batch_bucket(max(n, session_objects))
 
 
-def _seq_to_map(x: Tensor, size: Tuple[int, int]) -> Tensor:
-    return x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *size)
-
-
 def _bank_layout(model, plans: Sequence[MemoryPlan]) -> Tuple[Optional[Any], Optional[int], Optional[int]]:
     """(static bank, frames, pointer tokens) of the bucket that holds the plans, or Nones
     (tight layout) when no bank is installed or the plans exceed its largest bucket."""
@@ -100,7 +97,7 @@ def conditioned_features(model, frame_idx: int, feats: Tensor, pos: Tensor, size
                          plans: Sequence[MemoryPlan], rows: int) -> Tensor:
     """Lowest-level features (HW, rows, C) fused with each row's memories -> (rows, C, H, W)."""
     if model.num_maskmem == 0:
-        return _seq_to_map(feats, size)
+        return seq_to_map(feats, size)
     hw = feats.shape[0]
     dtype = torch.promote_types(feats.dtype, model.maskmem_tpos_enc.dtype)
     bank, frames, ptr_tokens = _bank_layout(model, plans)
@@ -110,9 +107,9 @@ def conditioned_features(model, frame_idx: int, feats: Tensor, pos: Tensor, size
         mem = build_memory(model, plans, rows, hw, dtype, feats.device, frames=frames,
                            ptr_tokens=total - spatial, buffers=bufs, want_mask=True)
         fused = bank.run_rows(feats, pos, mem.memory, mem.memory_pos, mem.key_ok, frames)
-        return _seq_to_map(fused, size)
+        return seq_to_map(fused, size)
     mem = build_memory(model, plans, rows, hw, dtype, feats.device)
-    return _seq_to_map(_attend(model, feats, pos, mem), size)
+    return seq_to_map(_attend(model, feats, pos, mem), size)
 
 
 def _attend(model, feats: Tensor, pos: Tensor, mem: PaddedMemory) -> Tensor:
@@ -149,7 +146,7 @@ def track_objects_step(model, frame_idx: int, vision_feats: List[Tensor], vision
     """
     high_res = None
     if len(vision_feats) > 1:
-        high_res = [_seq_to_map(x, s) for x, s in zip(vision_feats[:-1], feat_sizes[:-1])]
+        high_res = [seq_to_map(x, s) for x, s in zip(vision_feats[:-1], feat_sizes[:-1])]
     with stage("memory_attention"):  # gather + attention, as the reference's stage holds both
         pix = conditioned_features(model, frame_idx, vision_feats[-1], vision_pos[-1], feat_sizes[-1], plans, rows)
     sam = model._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,

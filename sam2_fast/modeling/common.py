@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Type
+from typing import Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def seq_to_map(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(H*W, B, C) -> (B, C, H, W); a view whenever the strides allow it."""
+    return x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *size)
 
 
 def activation(name: str) -> Type[nn.Module]:

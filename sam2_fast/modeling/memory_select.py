@@ -144,3 +144,22 @@ def non_overlapping_logits(masks: torch.Tensor) -> torch.Tensor:
     winner = masks.argmax(dim=0, keepdim=True)  # (1, 1, H, W)
     ids = torch.arange(num_obj, device=masks.device).view(num_obj, 1, 1, 1)
     return torch.where(winner == ids, masks, masks.clamp(max=-10.0))
+
+
+def offset_sines(offsets: Tuple[int, ...], span: int, width: int, device: torch.device) -> torch.Tensor:
+    """sine_pe_1d(offsets / span): (N, width) float32, no weights involved (pointer offsets).
+
+    On CUDA the table is computed on the host and uploaded from pinned memory without
+    blocking: ``torch.tensor(offsets, device=cuda)`` (the reference's way) is a pageable
+    host->device copy that waits for the stream, i.e. a sync per tracked frame, plus ~8
+    tiny kernels. Not cached: a conditioning frame's offset grows with every frame, so
+    a cache keyed on the offsets missed on every frame of a stream (and its evictions
+    made live memory oscillate, caught by tests/test_stream_memory.py).
+    """
+    def build(on: torch.device) -> torch.Tensor:
+        return sine_pe_1d(torch.tensor(list(offsets), device=on) / span, width)
+
+    if (device.type != "cuda" or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()):
+        return build(device)
+    return build(torch.device("cpu")).pin_memory().to(device, non_blocking=True)

@@ -17,18 +17,17 @@ import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sam2_fast.config import SAM2Config
-from sam2_fast.modeling.common import MLP
+from sam2_fast.modeling.common import MLP, seq_to_map
 from sam2_fast.modeling.memory_gather import MemoryPlan, PointerSource, SlotSource, build_memory
 from sam2_fast.modeling.memory_select import (
     memory_slot_frames,
     non_overlapping_logits,
     pointer_sources,
     select_closest_cond_frames,
-    sine_pe_1d,
+    offset_sines,
 )
 from sam2_fast.modeling.sam2_heads import NO_OBJ_SCORE, SamHeadsMixin  # noqa: F401  (re-export)
 
@@ -50,11 +49,6 @@ _COPIED_FIELDS = (
 def _token(*shape: int) -> nn.Parameter:
     """A learned embedding, initialised like the official model (truncated normal, std 0.02)."""
     return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=0.02))
-
-
-def _seq_to_map(x: Tensor, size: Tuple[int, int]) -> Tensor:
-    """(H*W, B, C) -> (B, C, H, W); a view whenever the strides allow it."""
-    return x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *size)
 
 
 class SAM2Base(SamHeadsMixin, nn.Module):
@@ -167,22 +161,7 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         return self.obj_ptr_tpos_proj(self._tpos_sines(tuple(rel_pos_list), span, width, device))
 
     def _tpos_sines(self, offsets: Tuple[int, ...], span: int, width: int, device: torch.device) -> Tensor:
-        """sine_pe_1d(offsets / span): (N, width) float32, no weights involved.
-
-        On CUDA the table is computed on the host and uploaded from pinned memory without
-        blocking: ``torch.tensor(offsets, device=cuda)`` (the reference's way) is a pageable
-        host->device copy that waits for the stream, i.e. a sync per tracked frame, plus ~8
-        tiny kernels. Not cached: a conditioning frame's offset grows with every frame, so
-        a cache keyed on the offsets missed on every frame of a stream (and its evictions
-        made live memory oscillate, caught by tests/test_stream_memory.py).
-        """
-        def build(on: torch.device) -> Tensor:
-            return sine_pe_1d(torch.tensor(list(offsets), device=on) / span, width)
-
-        if (device.type != "cuda" or torch.compiler.is_compiling()
-                or torch.cuda.is_current_stream_capturing()):
-            return build(device)
-        return build(torch.device("cpu")).pin_memory().to(device, non_blocking=True)
+        return offset_sines(offsets, span, width, device)  # (N, width) float32, see memory_select
 
     def _memory_plan(self, frame_idx: int, output_dict: Mapping[str, Mapping[int, dict]],
                      num_frames: Optional[int], track_in_reverse: bool) -> MemoryPlan:
@@ -256,10 +235,10 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         feats = current_vision_feats[-1]  # (H*W, B, C)
         size = feat_sizes[-1]
         if self.num_maskmem == 0:  # memory disabled: plain SAM on single images
-            return _seq_to_map(feats, size)
+            return seq_to_map(feats, size)
         if is_init_cond_frame:
             if self.directly_add_no_mem_embed:
-                return _seq_to_map(feats + self.no_mem_embed, size)
+                return seq_to_map(feats + self.no_mem_embed, size)
             batch = feats.size(1)
             # a single placeholder token so the attention never sees an empty memory
             memory = self.no_mem_embed.expand(1, batch, self.mem_dim)
@@ -271,7 +250,7 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         fused = self.memory_attention(curr=current_vision_feats, curr_pos=current_vision_pos_embeds,
                                       memory=memory, memory_pos=memory_pos,
                                       num_obj_ptr_tokens=num_ptr_tokens)  # (H*W, B, C)
-        return _seq_to_map(fused, size)
+        return seq_to_map(fused, size)
 
     # ------------------------------------------------------------------ memory write
     def _encode_new_memory(self, current_vision_feats: List[Tensor], feat_sizes: List[Tuple[int, int]],
@@ -281,7 +260,7 @@ class SAM2Base(SamHeadsMixin, nn.Module):
 
         ``separate_objects``: the batch rows are different objects tracked together (each
         keeps the memory per-object tracking gives it, so no non-overlap across rows)."""
-        pix_feat = _seq_to_map(current_vision_feats[-1], feat_sizes[-1])  # (B, C, H, W)
+        pix_feat = seq_to_map(current_vision_feats[-1], feat_sizes[-1])  # (B, C, H, W)
         masks = pred_masks_high_res
         if self.non_overlap_masks_for_mem_enc and not self.training and not separate_objects:
             masks = self._apply_non_overlapping_constraints(masks)
@@ -329,10 +308,10 @@ class SAM2Base(SamHeadsMixin, nn.Module):
         current_out: Dict[str, Any] = {"point_inputs": point_inputs, "mask_inputs": mask_inputs}
         high_res_features = None
         if len(current_vision_feats) > 1:  # (H*W, B, C) -> (B, C, H, W) views for the decoder
-            high_res_features = [_seq_to_map(x, s) for x, s in zip(current_vision_feats[:-1], feat_sizes[:-1])]
+            high_res_features = [seq_to_map(x, s) for x, s in zip(current_vision_feats[:-1], feat_sizes[:-1])]
         if mask_inputs is not None and self.use_mask_input_as_output_without_sam:
             # a given mask is taken as the answer; the decoder only supplies the pointer
-            pix_feat = _seq_to_map(current_vision_feats[-1], feat_sizes[-1])
+            pix_feat = seq_to_map(current_vision_feats[-1], feat_sizes[-1])
             sam_outputs = self._use_mask_as_output(pix_feat, high_res_features, mask_inputs)
             return current_out, sam_outputs, high_res_features, pix_feat
         pix_feat = self._prepare_memory_conditioned_features(
