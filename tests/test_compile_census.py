@@ -109,14 +109,13 @@ def _old_table(self, height, width, device):  # the cache read and filled while 
 def _plant(monkeypatch, which: str) -> None:
     from sam2_fast.modeling import batched_step
     from sam2_fast.modeling.position_encoding import PositionEmbeddingSine
-    from sam2_fast.video.frames_base import FrameSource
-    from sam2_fast.video.frames_lazy import LazyFrames
+    from sam2_fast.video.frames_base import Normalizer
 
     if which == "table-cache-traced":
         monkeypatch.setattr(PositionEmbeddingSine, "table", _old_table)
     elif which == "frames-in-callers-mode":
-        monkeypatch.setattr(FrameSource, "normalize", lambda self, u8: self._normalize(u8))
-        monkeypatch.setattr(LazyFrames, "__getitem__", lambda self, idx: self._getitem(self.check_index(idx)))
+        for name in ("__call__", "in_numpy", "on_device"):  # undecorated: the caller's mode
+            monkeypatch.setattr(Normalizer, name, getattr(Normalizer, name).__wrapped__)
     elif which == "prompts-compiled":
         from sam2_fast.modeling import sam2_heads
 

@@ -144,7 +144,13 @@ def pil_pass_order(height: int, width: int, size: int, device: str = "cpu") -> O
 
 class Normalizer:
     """(3, S, S) uint8 -> (3, S, S) float32 on ``device``, ImageNet-normalised, bitwise the
-    reference's ``(x / 255 - mean) / std`` (shared by every frame source and the stream)."""
+    reference's ``(x / 255 - mean) / std`` (shared by every frame source and the stream).
+
+    Its frames are always normal tensors, never inference tensors, whichever thread makes
+    them: frame 0 is made in the caller's thread inside ``torch.inference_mode``, later ones
+    by prefetch threads outside it, and a compiled image encoder guards on its input's
+    dispatch keys, so mixing the two kinds compiled it once more (minutes under
+    max-autotune; ``tests/test_compile_census.py``)."""
 
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float]) -> None:
         self.device = torch.device(device)
@@ -159,12 +165,14 @@ class Normalizer:
         self._lut_cpu = normalize_lut(mean, std)  # (3, 256)
         self._lut = None if self.device.type == "cpu" else self._lut_cpu.to(self.device)
 
+    @torch.inference_mode(False)
     def __call__(self, frame_u8: torch.Tensor) -> torch.Tensor:
         x = frame_u8.to(self.device, non_blocking=True)
         if self._lut is None:  # CPU: the reference's float32 ops, in place
             return x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
         return self.on_device(x)
 
+    @torch.inference_mode(False)
     def in_numpy(self, frame_u8: torch.Tensor) -> torch.Tensor:
         """CPU (3, S, S) uint8 -> float32, the same float32 ops in numpy: bitwise equal (IEEE
         division and subtraction, checked for every byte value) and single-threaded. Torch's
@@ -177,6 +185,7 @@ class Normalizer:
         np.divide(a, self._std_np, out=a)
         return torch.from_numpy(a)
 
+    @torch.inference_mode(False)
     def on_device(self, x: torch.Tensor) -> torch.Tensor:
         """(3, S, S) uint8 already on its device -> float32 by the table: a cast and one
         gather per channel row (2 kernels; the flat-index form took 3: cast, add, index)."""
@@ -270,13 +279,8 @@ class FrameSource:
         return self.finish_frame(idx, raw)
 
     def normalize(self, frame_u8: torch.Tensor) -> torch.Tensor:
-        """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised.
-
-        Always a normal tensor (not an inference tensor), whichever thread loads it: a
-        compiled image encoder guards on its input's dispatch keys and recompiled when frame
-        0 (caller's thread, in inference mode) and the background-loaded ones differed."""
-        with torch.inference_mode(False):
-            return self._normalize(frame_u8)
+        """(3, S, S) uint8 -> (3, S, S) float32 on ``self.device``, ImageNet-normalised."""
+        return self._normalize(frame_u8)
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -184,14 +184,7 @@ class LazyFrames(FrameSource):
 
     # -- access ----------------------------------------------------------------------------------
     def __getitem__(self, idx: int) -> torch.Tensor:
-        # Always a normal tensor, whichever thread made it: the prefetch threads run outside
-        # inference mode, the caller's thread usually inside it, and a compiled image encoder
-        # guards on the input's dispatch keys, so mixing the two kinds recompiled it once more
-        # (3 compiles instead of 1 in the first frames; minutes each under max-autotune).
-        with torch.inference_mode(False):
-            return self._getitem(self.check_index(idx))
-
-    def _getitem(self, i: int) -> torch.Tensor:
+        i = self.check_index(idx)
         if self._feed is None:
             return self.normalize(self._get_u8(i))
         out = self._feed.get(i, lambda: self._get_u8(i))
