@@ -133,3 +133,43 @@ def test_mutation_recompiles_are_counted(video, monkeypatch, which, objects, int
     _plant(monkeypatch, which)
     graphs = compiled_graphs(video, objects, interactive=interactive)
     assert len(graphs) > 4, graphs
+
+
+# ----------------------------------------------------------------------------- recompile limit
+def _sessions(video: str, object_counts) -> int:
+    """One predictor tracking the clip once per object count (as a worker reuses its model
+    for video after video); returns the graphs compiled."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    pred = build_sam2_video_predictor("sam2.1_hiera_tiny", device="cpu",
+                                      hydra_overrides_extra=[f"++model.image_size={SIZE}"])
+    sensitize_(pred, 0, obj_score_bias=2.0)
+    rec = GraphRecorder()
+    enable_fast_runtime(pred, compile=True, compile_backend=rec)
+    try:
+        for k in object_counts:
+            state = pred.init_state(video)
+            for o in range(k):
+                pred.add_new_points_or_box(state, 0, o + 1, points=[[30 + 8 * o, 36]], labels=[1])
+            assert sum(1 for _ in pred.propagate_in_video(state)) == FRAMES
+    finally:
+        disable_fast_runtime(pred)
+    return len(rec.graphs)
+
+
+def test_more_shapes_than_dynamos_recompile_limit(video):
+    """Videos of 1, 2, 3, 5 and 9 objects on one predictor compile the memory attention 5
+    times (x2 with the second bank bucket): past dynamo's default limit of 8, fullgraph=True
+    raised FailOnRecompileLimitHit mid-video. Here the limit is set to 2 so that 3 object
+    buckets stand for it; the runtime raises the limit while on and restores it after."""
+    with torch._dynamo.config.patch(recompile_limit=2):  # (monkeypatch would delete the key after)
+        assert _sessions(video, (1, 2, 3)) == 1 + 3 * 3  # the image encoder once; 3 parts x 3 buckets
+        assert torch._dynamo.config.recompile_limit == 2
+
+
+def test_mutation_recompile_limit_left_alone(video, monkeypatch):
+    from sam2_fast.runtime import settings
+
+    monkeypatch.setattr(settings, "RECOMPILE_LIMIT", 1)  # max(1, 2): the limit stays 2
+    with torch._dynamo.config.patch(recompile_limit=2), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        _sessions(video, (1, 2, 3))

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from sam2_fast.runtime.settings import RuntimeSettings, apply_inductor_config, runtime_settings
+from sam2_fast.runtime.settings import RuntimeSettings, apply_dynamo_config, apply_inductor_config, runtime_settings
 
 __all__ = ["enable_fast_runtime", "disable_fast_runtime", "runtime_settings", "RuntimeSettings"]
 
@@ -160,6 +160,12 @@ def _apply_globals(s: RuntimeSettings, undo: List[Callable[[], None]], info: Dic
         info["inductor_config"] = {k: s.inductor_config[k] for k in previous}
     else:
         info["inductor_config"] = {}
+    import torch._dynamo.config as dynamo_cfg  # never lower a limit the user raised
+
+    previous_dynamo = apply_dynamo_config({k: max(v, getattr(dynamo_cfg, k, v)) for k, v in s.dynamo_config.items()})
+    if previous_dynamo:
+        undo.append(lambda: apply_dynamo_config(previous_dynamo))
+    info["dynamo_config"] = {k: s.dynamo_config[k] for k in previous_dynamo}
 
 
 def _install_bank(predictor, s: RuntimeSettings, counters, undo, info, skipped):

@@ -20,6 +20,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+# Dynamo's recompile limit while the runtime is on (see runtime_settings for why).
+RECOMPILE_LIMIT = 64
+
 # The components compiled, in the order they run on a tracked frame.
 COMPILED_PARTS: Tuple[str, ...] = ("image_encoder", "memory_attention", "mask_decoder", "memory_encoder")
 
@@ -37,6 +40,7 @@ class RuntimeSettings:
     extra_cond_frames: int  # conditioning frames the static bank holds beyond the first
     compile_kwargs: Mapping[str, Mapping[str, Any]]  # component -> torch.compile kwargs
     inductor_config: Mapping[str, Any]  # dotted torch._inductor.config name -> value
+    dynamo_config: Mapping[str, Any]  # torch._dynamo.config name -> value
     reasons: Mapping[str, str]
 
     @property
@@ -150,11 +154,24 @@ def runtime_settings(device: "torch.device | str", *, dtype: Optional[torch.dtyp
     else:
         reasons["inductor_config"] = "unchanged (no inductor on CUDA)"
 
+    dynamo: Dict[str, Any] = {}
+    if compile:
+        # One compiled function sees (object buckets) x (bank buckets) shapes, plus one entry
+        # per predictor built: a worker tracking videos of 1, 2, 3, 5 and 9 objects reached 9
+        # memory-attention graphs, past dynamo's default limit of 8, where fullgraph=True
+        # raises FailOnRecompileLimitHit mid-video (measured on CPU). 64 covers 64 objects
+        # (8 buckets x 2 bank buckets) on several predictors.
+        dynamo = {"recompile_limit": RECOMPILE_LIMIT}
+        reasons["dynamo_config"] = (f"recompile_limit {RECOMPILE_LIMIT}: the bucket grid outgrows the default 8, "
+                                    "and fullgraph=True fails hard at the limit")
+    else:
+        reasons["dynamo_config"] = "unchanged (no compile)"
+
     return RuntimeSettings(
         device_type=device_type, dtype=dtype, allow_tf32=allow_tf32, compile=bool(compile),
         cuda_graphs=bool(cuda_graphs), static_bank=bool(static_bank),
         extra_cond_frames=int(extra_cond_frames), compile_kwargs=compile_kwargs,
-        inductor_config=inductor, reasons=reasons)
+        inductor_config=inductor, dynamo_config=dynamo, reasons=reasons)
 
 
 def apply_inductor_config(knobs: Mapping[str, Any]) -> Dict[str, Any]:
@@ -162,10 +179,21 @@ def apply_inductor_config(knobs: Mapping[str, Any]) -> Dict[str, Any]:
 
     Unknown names are skipped (they move between torch releases) rather than failing.
     """
-    if not knobs:
-        return {}
     import torch._inductor.config as cfg
 
+    return apply_config(cfg, knobs)
+
+
+def apply_dynamo_config(knobs: Mapping[str, Any]) -> Dict[str, Any]:
+    """As :func:`apply_inductor_config`, for ``torch._dynamo.config``."""
+    import torch._dynamo.config as cfg
+
+    return apply_config(cfg, knobs)
+
+
+def apply_config(cfg: Any, knobs: Mapping[str, Any]) -> Dict[str, Any]:
+    if not knobs:
+        return {}
     previous: Dict[str, Any] = {}
     for dotted, value in knobs.items():
         *path, leaf = dotted.split(".")
