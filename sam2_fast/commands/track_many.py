@@ -157,8 +157,9 @@ def _run_ray(args, spec: ModelSpec, pending: List[Task], result: RunResult, log)
 
 def summarize(records: Dict[int, Dict[str, Any]], result: RunResult) -> Dict[str, Any]:
     recs = list(records.values())
+    # a record "skipped" was done before, or failed before on the same inputs ("failed_before",
+    # counted under "failed" too)
     tracked = [r for r in recs if r["status"] == "done" and not r.get("skipped")]
-    # "skipped": done before, or failed before on the same inputs (counted under "failed" too)
     frames = sum(r["frames"] for r in tracked)
     wall = result.wall
     per_worker = {w: {"videos": s.videos, "frames": s.frames, "seconds": round(s.seconds, 3),

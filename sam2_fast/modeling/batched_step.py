@@ -63,8 +63,9 @@ def step_rows(model, n: int, session_objects: int) -> int:
     Eager: ``n``. Under static shapes: the bucket of the whole session, not of ``n``, so a
     frame where some objects are prompted (their stored output is kept, the rest tracked)
     or a correction's memory reuses the session's compiled code and CUDA graph instead of
-    compiling one more bucket (3 objects, one corrected: 9 graphs before, 5 now; minutes
-    each under max-autotune). The padding rows cost work only on such frames."""
+    compiling one more bucket (3 objects, one corrected: 3 graphs more, minutes each under
+    max-autotune; tests/test_compile_census.py). The padding rows cost work only on such
+    frames."""
     if not wants_static_shapes(model):
         return n
     return batch_bucket(max(n, session_objects))
