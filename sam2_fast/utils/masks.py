@@ -23,6 +23,8 @@ where plain propagation would need one round per pixel of the longest path.
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +44,12 @@ def _min3x3(lab: torch.Tensor, outside: int) -> torch.Tensor:
     return torch.minimum(torch.minimum(p[:, :-2], p[:, 1:-1]), p[:, 2:])
 
 
-def _flatten_trees(parent: torch.Tensor) -> torch.Tensor:
-    """Pointer jumping until every pixel points at a root. (B, n + 1) int64."""
+def _flatten_trees(parent: torch.Tensor, jumps: Optional[int] = None) -> torch.Tensor:
+    """Pointer jumping (B, n + 1) int64: until every pixel points at a root, or ``jumps`` times."""
+    if jumps is not None:
+        for _ in range(jumps):
+            parent = parent.gather(1, parent)
+        return parent
     while True:
         hop = parent.gather(1, parent)
         if torch.equal(hop, parent):
@@ -51,23 +57,44 @@ def _flatten_trees(parent: torch.Tensor) -> torch.Tensor:
         parent = hop
 
 
-def _component_roots(fg: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) bool -> (B, H*W) int64 flat index of each pixel's component root; the
-    background holds the sentinel H*W."""
+def schedule(device: torch.device) -> Tuple[int, Optional[int]]:
+    """(rounds per convergence check, pointer jumps per round; None: until stable).
+
+    Every check (``torch.equal``) and every "until stable" jump reads a value on the host: on
+    CUDA a sync that drains the queue, so the CPU cannot queue the next frame's work behind
+    it. Counted on CPU for one tracked frame with ``fill_hole_area=8`` (the 2.1 configs'
+    default): 17 syncs at 256 px, 24 at 512 px (64^2 / 128^2 masks). Off the CPU the loop
+    runs 3 rounds of hooking + 2 jumps between checks instead. Counted over 7 test masks
+    (random densities 0.1-0.8, a ring and its complement), plans (rounds, jumps): (1, until
+    stable) 665 ops / 115 syncs, (2, 2) 762 / 19, (3, 2) 775 / 13, (4, 2) 945 / 12,
+    (3, 1) 1073 / 19: 17% more tiny kernels for 9x fewer syncs. Same labels either way:
+    extra rounds after convergence change nothing, and the final check alone proves the
+    result (labels agree with every 8-neighbour, so they are constant on components, and a
+    component's smallest pixel is always its own root, so its label is that pixel)."""
+    return (1, None) if device.type == "cpu" else (3, 2)
+
+
+def _component_roots(fg: torch.Tensor, plan: Optional[Tuple[int, Optional[int]]] = None) -> torch.Tensor:
+    """(B, H, W) bool -> (B, H*W) int64 flat index of each pixel's component root (the
+    component's smallest pixel); the background holds the sentinel H*W. ``plan``: see
+    :func:`schedule` (default: the device's)."""
     b, h, w = fg.shape
     n = h * w
+    every, jumps = plan if plan is not None else schedule(fg.device)
     bg = ~fg.reshape(b, n)
     parent = torch.arange(n + 1, device=fg.device, dtype=torch.int64).repeat(b, 1)  # (B, n+1)
     parent[:, :n].masked_fill_(bg, n)
+    rounds = 0
     while True:
         labels = parent[:, :n]
         best = _min3x3(labels.reshape(b, h, w), n).reshape(b, n).masked_fill_(bg, n)
-        if torch.equal(best, labels):
+        rounds += 1
+        if rounds % every == 0 and torch.equal(best, labels):
             return labels  # every pixel agrees with all its 8-neighbours
         # Hook each root onto the smallest label seen next to any pixel of its tree
         # (background: the sentinel onto itself). Out of place: the index aliases parent.
         parent = parent.scatter_reduce(1, labels, best, reduce="amin")
-        parent = _flatten_trees(parent)
+        parent = _flatten_trees(parent, jumps)
 
 
 def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
