@@ -14,6 +14,16 @@ def seq_to_map(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *size)
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without stalling the host: on CUDA through pinned
+    memory with ``non_blocking`` (a copy from pageable memory may wait for the stream, i.e.
+    a sync on every tracked frame); plain ``.to`` elsewhere, while compiling or capturing."""
+    if (device.type != "cuda" or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()):
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def activation(name: str) -> Type[nn.Module]:
     """The activation module class named in a config ("relu" / "gelu")."""
     table = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}

@@ -31,6 +31,8 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from sam2_fast.modeling.common import to_device_async
+
 
 @dataclass(frozen=True)
 class SlotSource:
@@ -263,7 +265,7 @@ def _pointer_positions(model, plans: Sequence[MemoryPlan], starts: List[int], me
 def _key_flags(counts: List[Tuple[int, int]], spatial: int, total: int, device: torch.device,
                out: Optional[Tensor] = None) -> Tensor:
     """(rows, Nk) validity: per row a prefix of each region (what ``key_ranges`` assumes)."""
-    n = torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True)  # (rows, 2)
+    n = to_device_async(torch.tensor(counts, dtype=torch.int64), device)  # (rows, 2), no sync
     idx = torch.arange(total, device=device)
     flags = (idx < n[:, :1]) | ((idx >= spatial) & (idx < spatial + n[:, 1:]))
     if out is None:

@@ -19,6 +19,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from sam2_fast.modeling.common import to_device_async
+
 FrameOutputs = Mapping[int, dict]
 
 
@@ -162,4 +164,4 @@ def offset_sines(offsets: Tuple[int, ...], span: int, width: int, device: torch.
     if (device.type != "cuda" or torch.compiler.is_compiling()
             or torch.cuda.is_current_stream_capturing()):
         return build(device)
-    return build(torch.device("cpu")).pin_memory().to(device, non_blocking=True)
+    return to_device_async(build(torch.device("cpu")), device)
