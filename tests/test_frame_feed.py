@@ -183,3 +183,34 @@ def test_feed_default_is_on_for_cpu_and_opt_in_for_cuda(monkeypatch):
     assert frames_lazy.feed_default("cuda")
     with open_frames(_moving(3, 8, 8), 8, "cpu", prefetch=2) as src:  # the CPU default takes the feed
         assert src._feed is not None
+
+
+def test_background_readers_are_stopped_before_the_interpreter_exits(small_mp4, monkeypatch):
+    """Sources left open (a session abandoned after a tracking error) and their daemon
+    readers are closed and joined by a threading exit hook. Without it about half the runs of
+    such a test aborted at exit ("terminate called without an active exception", status 134):
+    a daemon thread killed inside a C++ call. A source closed from its own reader thread (on
+    garbage collection) leaves that thread finishing its step: it is joined as well."""
+    import threading
+    import time
+
+    from sam2_fast.video import frames_base
+
+    if hasattr(threading, "_threading_atexits"):  # run in reverse: ours before the pools' shutdown
+        hooks = [getattr(f, "func", f) for f in threading._threading_atexits]
+        assert frames_base._close_open in hooks
+        names = [h.__name__ for h in hooks]
+        assert "_python_exit" not in names or names.index("_python_exit") < hooks.index(frames_base._close_open)
+    open_src = open_frames(small_mp4, 64, "cpu", prefetch=4)
+    closed_src = open_frames(small_mp4, 64, "cpu", prefetch=4)
+    readers = (open_src._thread, closed_src._thread)
+    assert all(t is not None and t.is_alive() for t in readers)
+    with monkeypatch.context() as m:  # as a close from the reader itself does: no join
+        m.setattr(threading, "current_thread", lambda: closed_src._thread)
+        closed_src.close()
+    busy = threading.Thread(target=time.sleep, args=(0.3,), daemon=True)  # a reader mid-step
+    busy.start()
+    frames_base.close_at_exit(closed_src, busy)
+    frames_base._close_open()
+    assert open_src._closed and closed_src._closed
+    assert not any(t.is_alive() for t in readers + (busy,))

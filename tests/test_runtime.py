@@ -233,6 +233,22 @@ class ReplayByRerun:
         pass
 
 
+def test_graphed_step_keeps_the_recently_used_signatures():
+    """More signatures than ``max_graphs``: the least recently used graph is dropped and the
+    new one captured (a model reused for videos of many object counts keeps replaying what it
+    sees now); before, every signature past the limit ran eagerly for good."""
+    lin = torch.nn.Linear(16, 8)
+    step = GraphedStep(lambda x: lin(x) * 2, "toy", max_graphs=2, backend=ReplayByRerun())
+    rows = (1, 2, 1, 4, 2, 4, 4)  # 1, 2 captured; 4 evicts 2 (1 was used later); 2 evicts 1; 4 hits
+    with torch.inference_mode():
+        for r in rows:
+            x = torch.randn(r, 16)
+            assert torch.equal(step(x), lin(x) * 2)
+    c = step.counters
+    assert (c["graph_captures[toy]"], c["graph_evictions[toy]"], c["graph_replays[toy]"]) == (4, 2, 7)
+    assert c["graph_eager_calls[toy]"] == 0 and len(step._graphs) == 2
+
+
 def test_graph_bookkeeping_on_cpu_stand_in(clip, eager_logits):
     """Every per-frame step replayed through GraphedStep (with the stand-in backend) tracks
     the clip like the eager predictor."""

@@ -15,8 +15,12 @@ Why our own capture rather than ``torch.compile(mode="reduce-overhead")``:
 * capture failures degrade per signature to eager, counted, instead of per process.
 
 Signatures: tensor shapes/dtypes/devices plus the non-tensor arguments (e.g.
-``multimask_output``) and the autocast state; a new object count or click count is a new
-signature and is captured on first use (up to ``max_graphs``, then eager). Warm-up runs
+``multimask_output``) and the autocast state; a new object count is a new signature and is
+captured on first use. At most ``max_graphs`` are kept per step (each holds its own memory
+pool); beyond that the least recently used one is dropped and the new signature captured,
+so a model reused for videos with many different object counts (up to 5 object buckets x 2
+bank buckets for the memory attention) keeps replaying the shapes it currently sees, where
+it used to run every signature past the 8th eagerly for good. Warm-up runs
 on a side stream before capture, as CUDA graphs require (lazy inits, cuBLAS workspaces,
 compilation and autotuning all happen there, never inside the capture).
 """
@@ -103,7 +107,9 @@ class GraphedStep:
         self.warmup, self.max_graphs = warmup, max_graphs
         self.static_argnums = frozenset(static_argnums)
         self.counters = counters if counters is not None else collections.Counter()
-        self._graphs: Dict[Hashable, Optional[_Captured]] = {}  # None: this signature runs eagerly
+        # signature -> graph, least recently used first; a signature whose capture failed is
+        # in ``errors`` instead and runs eagerly from then on
+        self._graphs: "collections.OrderedDict[Hashable, _Captured]" = collections.OrderedDict()
         self.errors: Dict[Hashable, str] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -114,16 +120,19 @@ class GraphedStep:
         if any(isinstance(t, Tensor) and t.device.type != self.backend.device_type for t in leaves):
             return self.fn(*args, **kwargs)
         key = _signature(leaves, spec)
-        if key not in self._graphs:
+        entry = self._graphs.get(key)
+        if entry is None and key not in self.errors:
+            while len(self._graphs) >= self.max_graphs:  # drop the least recently used (and its pool)
+                self._graphs.popitem(last=False)
+                self.counters[f"graph_evictions[{self.name}]"] += 1
             static_ids = {id(args[i]) for i in self.static_argnums if i < len(args)}
-            fits = len(self._graphs) < self.max_graphs
-            self._graphs[key] = self._capture(key, leaves, spec, static_ids) if fits else None
-            if self._graphs[key] is None and key not in self.errors:
-                self.counters[f"graph_eager[{self.name}]: more than {self.max_graphs} signatures"] += 1
-        entry = self._graphs[key]
+            entry = self._capture(key, leaves, spec, static_ids)
+            if entry is not None:
+                self._graphs[key] = entry
         if entry is None:
             self.counters[f"graph_eager_calls[{self.name}]"] += 1
             return self.fn(*args, **kwargs)
+        self._graphs.move_to_end(key)
         for dst, src in zip(entry.inputs, leaves):
             if isinstance(dst, Tensor) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)  # a static argument in a new buffer is copied like any other

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sam2_fast.utils.transforms import IMAGENET_MEAN, IMAGENET_STD
-from sam2_fast.video.frames_base import FrameSource, normalize_lut
+from sam2_fast.video.frames_base import FrameSource, close_at_exit, normalize_lut
 from sam2_fast.video.frames_decode import Decoder, open_decoder
 from sam2_fast.video.frames_errors import FrameIndexError, FrameSourceError, VideoNotFoundError
 from sam2_fast.video.frames_lazy import LazyFrames
@@ -66,6 +66,7 @@ class PreloadedFrames(FrameSource):
             self._thread = threading.Thread(target=self._load_rest, kwargs={"quiet": True},
                                             daemon=True, name="sam2_fast-preload")
             self._thread.start()
+            close_at_exit(self, self._thread)
         else:
             self._load_rest(quiet=False)
 

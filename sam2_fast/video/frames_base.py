@@ -10,9 +10,12 @@ Preprocessing (shared by every source, so all of them have the reference's numer
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401  (its exit hook first: ours is registered after it, runs before)
 import contextlib
 import functools
 import threading
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -142,6 +145,43 @@ def pil_pass_order(height: int, width: int, size: int, device: str = "cpu") -> O
     return None
 
 
+# ---------------------------------------------------------------------- closing at exit
+_OPEN: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def close_at_exit(obj: Any, thread: Optional[threading.Thread] = None) -> None:
+    """When the interpreter starts to exit: ``obj.close()`` if nobody closed it, then wait for
+    ``thread`` (its daemon reader) to end.
+
+    Frame sources and stream prefetchers read ahead in daemon threads. A daemon thread still
+    inside a torch, PIL or decoder call when the interpreter finalizes is ended by
+    pthread_exit, whose unwinding through C++ frames aborts the process: "terminate called
+    without an active exception", exit status 134. Seen in about half the runs of a test that
+    leaves a session open after a tracking error; the source was even closed already (from
+    its own thread, on garbage collection), its thread still finishing a step."""
+    _OPEN.add(obj)
+    if thread is not None:
+        _THREADS.add(thread)
+
+
+def _close_open() -> None:
+    for obj in list(_OPEN):
+        try:
+            obj.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; the next one may still close
+            pass
+    for thread in list(_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(timeout=5.0)  # each stops within one step once its source is closed
+
+
+# Run with threading's own exit hooks, before threads are joined and before atexit's (the
+# interpreter calls them in reverse order of registration: this one before the thread
+# pools' shutdown, registered at the import above, so the resize pools still take work).
+getattr(threading, "_register_atexit", atexit.register)(_close_open)
+
+
 class Normalizer:
     """(3, S, S) uint8 -> (3, S, S) float32 on ``device``, ImageNet-normalised, bitwise the
     reference's ``(x / 255 - mean) / std`` (shared by every frame source and the stream).
@@ -223,6 +263,7 @@ class FrameSource:
                                   else threading.Lock())
         self._close_lock = threading.Lock()
         self._closed = False
+        close_at_exit(self)
 
     def __len__(self) -> int:
         return self._decoder.num_frames

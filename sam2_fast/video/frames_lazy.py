@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sam2_fast.video.frames_base import FrameSource
+from sam2_fast.video.frames_base import FrameSource, close_at_exit
 from sam2_fast.video.frames_decode import Decoder
 from sam2_fast.video.frames_feed import DeviceFeed, HostFeed, _AheadFeed
 
@@ -97,6 +97,7 @@ class LazyFrames(FrameSource):
             self._thread = threading.Thread(target=_prefetch_main, args=(weakref.ref(self),),
                                             daemon=True, name="sam2_fast-prefetch")
             self._thread.start()
+            close_at_exit(self, self._thread)
 
     @property
     def num_resident(self) -> int:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from sam2_fast.utils.transforms import IMAGENET_MEAN, IMAGENET_STD, check_hwc_uint8
-from sam2_fast.video.frames_base import Normalizer, pil_pass_order, resize_u8, resize_u8_on_device
+from sam2_fast.video.frames_base import Normalizer, close_at_exit, pil_pass_order, resize_u8, resize_u8_on_device
 from sam2_fast.video.frames_decode import array_to_pil
 from sam2_fast.video.frames_errors import FrameSourceError
 
@@ -190,6 +190,7 @@ class FramePrefetcher:
         self._ring = _PinnedRing(depth + 2) if pin else None
         self._thread = threading.Thread(target=self._run, daemon=True, name="sam2_fast-stream")
         self._thread.start()
+        close_at_exit(self, self._thread)
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
