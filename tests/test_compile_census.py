@@ -56,7 +56,8 @@ def video(tmp_path_factory):
     return write_jpeg_folder(make_clip(FRAMES, 72, 88, seed=3), str(tmp_path_factory.mktemp("clip")))
 
 
-def compiled_graphs(video: str, objects: int, async_loading: bool = False, interactive: bool = False) -> List[tuple]:
+def _recorded_predictor():
+    """A fresh tiny predictor under the compiled runtime, compiling with a GraphRecorder."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     pred = build_sam2_video_predictor("sam2.1_hiera_tiny", device="cpu",
@@ -64,6 +65,11 @@ def compiled_graphs(video: str, objects: int, async_loading: bool = False, inter
     sensitize_(pred, 0, obj_score_bias=2.0)
     rec = GraphRecorder()
     enable_fast_runtime(pred, compile=True, compile_backend=rec)
+    return pred, rec
+
+
+def compiled_graphs(video: str, objects: int, async_loading: bool = False, interactive: bool = False) -> List[tuple]:
+    pred, rec = _recorded_predictor()
     try:
         state = pred.init_state(video, async_loading_frames=async_loading)
         for o in range(objects):
@@ -139,13 +145,7 @@ def test_mutation_recompiles_are_counted(video, monkeypatch, which, objects, int
 def _sessions(video: str, object_counts) -> int:
     """One predictor tracking the clip once per object count (as a worker reuses its model
     for video after video); returns the graphs compiled."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    pred = build_sam2_video_predictor("sam2.1_hiera_tiny", device="cpu",
-                                      hydra_overrides_extra=[f"++model.image_size={SIZE}"])
-    sensitize_(pred, 0, obj_score_bias=2.0)
-    rec = GraphRecorder()
-    enable_fast_runtime(pred, compile=True, compile_backend=rec)
+    pred, rec = _recorded_predictor()
     try:
         for k in object_counts:
             state = pred.init_state(video)

@@ -63,14 +63,22 @@ def _count(folder: str, ext: str) -> int:
         return -1
 
 
-def read_complete(task: Task) -> Optional[Dict[str, Any]]:
-    """The marker of a finished video whose outputs are all there, else None."""
+def _read_marker(task: Task, name: str) -> Optional[Dict[str, Any]]:
+    """Marker ``name`` of the task's folder if it was written for the current options."""
     try:
-        with open(os.path.join(task.out, MARKER)) as f:
+        with open(os.path.join(task.out, name)) as f:
             marker = json.load(f)
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("version") != MARKER_VERSION or marker.get("options") != task.options:
+        return None
+    return marker
+
+
+def read_complete(task: Task) -> Optional[Dict[str, Any]]:
+    """The marker of a finished video whose outputs are all there, else None."""
+    marker = _read_marker(task, MARKER)
+    if marker is None:
         return None
     n = marker.get("frames")
     if "png" in task.kinds and _count(os.path.join(task.out, "masks"), ".png") != n:
@@ -84,14 +92,8 @@ def read_complete(task: Task) -> Optional[Dict[str, Any]]:
 
 def read_failed(task: Task) -> Optional[Dict[str, Any]]:
     """The marker of a video that failed on its inputs with the current options, else None."""
-    try:
-        with open(os.path.join(task.out, FAILED_MARKER)) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or marker.get("version") != MARKER_VERSION or marker.get("options") != task.options:
-        return None
-    return marker if isinstance(marker.get("error"), str) else None
+    marker = _read_marker(task, FAILED_MARKER)
+    return marker if marker is not None and isinstance(marker.get("error"), str) else None
 
 
 def is_input_error(exc: BaseException) -> bool:
