@@ -271,6 +271,27 @@ def test_graph_bookkeeping_on_cpu_stand_in(clip, eager_logits):
     assert not any(k.startswith("graph_capture_failed") for k in counters)
 
 
+def test_graphed_decoder_leaves_prompts_eager(clip, eager_logits):
+    """The runtime's order on CUDA: graphs over the decoder, then prompted decodes routed to
+    its eager forward. The clip's prompts (1 click, 2 clicks, a box) would each capture a
+    decoder graph; only the tracking signature may, and the masks stay the eager ones."""
+    from sam2_fast.runtime import _prompts_run_eager
+
+    pred = build_predictor(True)
+    counters = pred.runtime_info["counters"]
+    _, undo = install_graphs(pred, pred._fast_runtime_bank, counters, backend=ReplayByRerun())
+    info: dict = {}
+    _prompts_run_eager(pred, undo, info)
+    try:
+        replayed = track(pred, clip)
+    finally:
+        for fn in reversed(undo):
+            fn()
+    assert "forward" not in pred.sam_mask_decoder.__dict__ and info["mask_decoder_prompts"].startswith("eager")
+    assert rel_err(replayed, eager_logits) <= TRACK_TOL
+    assert counters["graph_captures[mask_decoder]"] == 1, dict(counters)
+
+
 def test_graph_stand_in_catches_a_missing_output_clone(clip):
     """Mutation: handing out the replay buffers themselves (no clone) corrupts stored outputs
     (or the captured structure itself: forward_image edits the returned feature list)."""
