@@ -101,8 +101,10 @@ quick)
     timeout -k 5 110 "$PY" -m pytest tests/kernels -m cuda -q -rA -p no:cacheprovider -x \
         --junitxml="$WORK/junit_kernels_cuda.xml" 2>&1 | tail -40 | tee "$WORK/pytest_kernels_cuda.txt"
     echo "== kernel tests done after $(elapsed)s"
-    # 2b. the frame feed's first GPU run (pinned ring, async upload; opt-in until this passes)
-    timeout -k 5 40 "$PY" -m pytest tests/test_frames.py tests/test_eager_glue.py -m cuda -q -rA -p no:cacheprovider \
+    # 2b. the frame feed's first GPU run (pinned ring, async upload; opt-in until this passes),
+    #     and hole filling's device plan (checks every 3 rounds on CUDA: CPU vs CUDA labels)
+    timeout -k 5 40 "$PY" -m pytest tests/test_frames.py tests/test_eager_glue.py tests/test_masks.py -m cuda -q -rA \
+        -p no:cacheprovider \
         2>&1 | tail -15 | tee "$WORK/pytest_frames_cuda.txt"
     # 3. tiny @480p, eager (no compile: the first H200 run spent > 5 min compiling the
     #    cuda-graphs row): ours bf16 with and without the kernel slots vs the reference bf16
