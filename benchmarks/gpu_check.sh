@@ -170,6 +170,9 @@ profile)
     # op census first (both precisions; launches, memcpy and syncs per stage from the profiler)
     timeout -k 5 90 "$PY" benchmarks/op_census.py --dtype bf16,fp32 "${CENSUS[@]}" \
         --json "$WORK/op_census.json" 2>&1 | tee "$WORK/op_census.txt"
+    # ours with hole filling: its syncs per frame on CUDA (3 rounds per check; NOTES 12-01)
+    timeout -k 5 45 "$PY" benchmarks/op_census.py --dtype bf16 --fill-holes "${CENSUS[@]}" \
+        --json "$WORK/op_census_fill_holes.json" 2>&1 | tee "$WORK/op_census_fill_holes.txt"
     # frame feed: main-thread ms/frame of the lazy source (pinned async feed vs the old
     # pageable upload) against preloaded frames, 480p file (NOTES.md "Frame feed"); hard 40 s
     timeout -k 5 40 "$PY" benchmarks/bench_frame_feed.py --device cuda --frames 32 \

@@ -244,7 +244,7 @@ def _autocast_kernel(op, policy: str, guard) -> Callable:
 
 
 # ---------------------------------------------------------------- models and the run
-def build_pair(image_size: int, device: torch.device):
+def build_pair(image_size: int, device: torch.device, fill_holes: bool = False):
     from sam2.build_sam import build_sam2_video_predictor as build_ref
     from sam2_fast.build_sam import build_sam2_video_predictor as build_ours
     from sam2_fast.utils.random_weights import sensitize_
@@ -253,7 +253,9 @@ def build_pair(image_size: int, device: torch.device):
     torch.manual_seed(0)
     ref = build_ref(cfg, None, device="cpu", hydra_overrides_extra=over, apply_postprocessing=False)
     sensitize_(ref, 0, obj_score_bias=4.0)
-    ours = build_ours(cfg, None, device="cpu", hydra_overrides_extra=over, apply_postprocessing=False)
+    # --fill-holes: ours with the configs' hole filling (the pip reference cannot: it needs its
+    # CUDA extension), to count what it costs per frame (ops, syncs in "other")
+    ours = build_ours(cfg, None, device="cpu", hydra_overrides_extra=over, apply_postprocessing=fill_holes)
     ours.load_state_dict(ref.state_dict())
     return ref.to(device).eval(), ours.to(device).eval()
 
@@ -402,6 +404,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", default=None, action=argparse.BooleanOptionalAction,
                    help="count CUDA runtime calls of the last frame with torch.profiler (default: on CUDA)")
     p.add_argument("--json", default=None, help="write every count here")
+    p.add_argument("--fill-holes", action="store_true", help="ours with hole filling (fill_hole_area of the config)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     size = a.image_size or (1024 if device.type == "cuda" else 256)
@@ -410,8 +413,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     clip = synthetic_clip(a.frames, *((240, 320) if device.type == "cpu" else (480, 854)), objects=1)
     t0 = time.perf_counter()
-    ref, ours = build_pair(size, device)
-    result = {"device": str(device), "image_size": size, "frames": a.frames, "torch": torch.__version__}
+    ref, ours = build_pair(size, device, a.fill_holes)
+    result = {"device": str(device), "image_size": size, "frames": a.frames, "torch": torch.__version__,
+              "fill_holes": a.fill_holes}
     for dtype in [d.strip() for d in a.dtype.split(",")]:
         emulate = dtype == "bf16" and device.type == "cpu" and not a.cpu_autocast
         policy: List[str] = []
