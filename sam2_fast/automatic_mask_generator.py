@@ -20,6 +20,8 @@ Where the work differs from the official loop (same results):
 
 from __future__ import annotations
 
+import inspect
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -49,82 +51,83 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> tor
     return batched_nms(boxes.float(), scores, torch.zeros_like(boxes[:, 0]), iou_threshold=iou_threshold)
 
 
+# The official constructor's keywords, in its positional order, with their defaults: the one
+# table behind the generator's signature (``inspect.signature`` shows the official one), its
+# binding of positional / keyword arguments and its attributes (``gen.pred_iou_thresh``, ...).
+OPTIONS: Tuple[Tuple[str, Any], ...] = (
+    ("points_per_side", 32), ("points_per_batch", 64), ("pred_iou_thresh", 0.8),
+    ("stability_score_thresh", 0.95), ("stability_score_offset", 1.0), ("mask_threshold", 0.0),
+    ("box_nms_thresh", 0.7), ("crop_n_layers", 0), ("crop_nms_thresh", 0.7),
+    ("crop_overlap_ratio", 512 / 1500), ("crop_n_points_downscale_factor", 1), ("point_grids", None),
+    ("min_mask_region_area", 0), ("output_mode", "binary_mask"), ("use_m2m", False),
+    ("multimask_output", True),
+)
+_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_SIGNATURE = inspect.Signature(
+    [inspect.Parameter("self", _KEYWORD), inspect.Parameter("model", _KEYWORD)]
+    + [inspect.Parameter(name, _KEYWORD, default=value) for name, value in OPTIONS]
+    + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
+def _point_grids(o: SimpleNamespace) -> List[np.ndarray]:
+    """One (N, 2) grid of [0, 1] click positions per crop layer, checked."""
+    if (o.points_per_side is None) == (o.point_grids is None):
+        raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+    layers = int(o.crop_n_layers)
+    if o.point_grids is not None:
+        grids = [np.asarray(g, dtype=np.float64) for g in o.point_grids]
+        if len(grids) < layers + 1:
+            raise ValueError(f"point_grids has {len(grids)} grids but crop_n_layers={o.crop_n_layers} needs one "
+                             f"per layer ({layers + 1})")
+        for i, g in enumerate(grids):
+            if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or g.min() < 0 or g.max() > 1:
+                raise ValueError(f"point_grids[{i}] must be a non-empty (N, 2) array of [0, 1] "
+                                 f"coordinates, got shape {g.shape}")
+        return grids
+    if int(o.points_per_side) < 1:
+        raise ValueError(f"points_per_side must be a positive integer, got {o.points_per_side}")
+    if layers < 0:
+        raise ValueError(f"crop_n_layers must be >= 0, got {o.crop_n_layers}")
+    factor = int(o.crop_n_points_downscale_factor)
+    if factor < 1:
+        raise ValueError(f"crop_n_points_downscale_factor must be >= 1, got {o.crop_n_points_downscale_factor}")
+    grids = A.build_all_layer_point_grids(int(o.points_per_side), layers, factor)
+    empty = next((i for i, g in enumerate(grids) if len(g) == 0), None)
+    if empty is not None:
+        raise ValueError(f"points_per_side={o.points_per_side} leaves no points in crop layer {empty} after "
+                         f"downscaling by {o.crop_n_points_downscale_factor} per layer")
+    return grids
+
+
 class SAM2AutomaticMaskGenerator:
-    def __init__(
-        self,
-        model,
-        points_per_side: Optional[int] = 32,
-        points_per_batch: Optional[int] = 64,
-        pred_iou_thresh: float = 0.8,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        mask_threshold: float = 0.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        point_grids: Optional[List[np.ndarray]] = None,
-        min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask",
-        use_m2m: bool = False,
-        multimask_output: bool = True,
-        **kwargs,
-    ) -> None:
-        """Arguments as the official generator (see its docstring); additionally
-        ``points_per_batch=None`` chooses the largest batch that fits in memory.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Arguments as the official generator (see ``OPTIONS`` and its docstring);
+        additionally ``points_per_batch=None`` chooses the largest batch that fits in memory.
 
         ``min_mask_region_area`` > 0 removes holes and specks up to that area (in low-res
         mask pixels) before upsampling, through the image predictor, as the official
-        generator does; it needs no compiled extension here.
+        generator does; it needs no compiled extension here. Unknown keywords are ignored,
+        as the official constructor's ``**kwargs`` are.
         """
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
-        if points_per_side is not None:
-            if int(points_per_side) < 1:
-                raise ValueError(f"points_per_side must be a positive integer, got {points_per_side}")
-            if int(crop_n_layers) < 0:
-                raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
-            if int(crop_n_points_downscale_factor) < 1:
-                raise ValueError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
-            self.point_grids = A.build_all_layer_point_grids(
-                int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor))
-            if any(len(g) == 0 for g in self.point_grids):
-                raise ValueError(f"points_per_side={points_per_side} leaves no points in crop layer "
-                                 f"{next(i for i, g in enumerate(self.point_grids) if len(g) == 0)} after "
-                                 f"downscaling by {crop_n_points_downscale_factor} per layer")
-        else:
-            self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
-            if len(self.point_grids) < int(crop_n_layers) + 1:
-                raise ValueError(f"point_grids has {len(self.point_grids)} grids but crop_n_layers="
-                                 f"{crop_n_layers} needs one per layer ({int(crop_n_layers) + 1})")
-            for i, g in enumerate(self.point_grids):
-                if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or g.min() < 0 or g.max() > 1:
-                    raise ValueError(f"point_grids[{i}] must be a non-empty (N, 2) array of [0, 1] "
-                                     f"coordinates, got shape {g.shape}")
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"Unknown output_mode {output_mode!r}; use one of {', '.join(OUTPUT_MODES)}")
-        if output_mode == "coco_rle":
+        bound = _SIGNATURE.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        o = SimpleNamespace(**{name: bound.arguments[name] for name, _ in OPTIONS})
+        grids = _point_grids(o)
+        if o.output_mode not in OUTPUT_MODES:
+            raise ValueError(f"Unknown output_mode {o.output_mode!r}; use one of {', '.join(OUTPUT_MODES)}")
+        if o.output_mode == "coco_rle":
             A.require_pycocotools()
-        if points_per_batch is not None and int(points_per_batch) < 1:
-            raise ValueError(f"points_per_batch must be positive (or None for automatic), got {points_per_batch}")
+        if o.points_per_batch is not None and int(o.points_per_batch) < 1:
+            raise ValueError(f"points_per_batch must be positive (or None for automatic), got {o.points_per_batch}")
         _torchvision_ops()  # fail now, not after the first crop, when torchvision is missing
-        self.predictor = SAM2ImagePredictor(model, max_hole_area=min_mask_region_area,
-                                            max_sprinkle_area=min_mask_region_area)
-        self.points_per_batch = None if points_per_batch is None else int(points_per_batch)
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.stability_score_offset = stability_score_offset
-        self.mask_threshold = mask_threshold
-        self.box_nms_thresh = box_nms_thresh
-        self.crop_n_layers = int(crop_n_layers)
-        self.crop_nms_thresh = crop_nms_thresh
-        self.crop_overlap_ratio = crop_overlap_ratio
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
-        self.output_mode = output_mode
-        self.use_m2m = use_m2m
-        self.multimask_output = multimask_output
+        vars(self).update(vars(o))
+        self.point_grids = grids
+        self.points_per_batch = None if o.points_per_batch is None else int(o.points_per_batch)
+        self.crop_n_layers = int(o.crop_n_layers)
+        self.predictor = SAM2ImagePredictor(bound.arguments["model"], max_hole_area=o.min_mask_region_area,
+                                            max_sprinkle_area=o.min_mask_region_area)
+
+    __init__.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
 
     @classmethod
     def from_pretrained(cls, model_id: str, **kwargs) -> "SAM2AutomaticMaskGenerator":

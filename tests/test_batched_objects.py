@@ -230,16 +230,22 @@ def test_padding_rows_are_never_stored(models, clip):
             assert feats.untyped_storage().nbytes() == 9 * row_bytes, "padding rows kept alive in stored memories"
 
 
+def _three_tracked(pred, clip, frames: int):
+    """A session of three objects prompted on frame 0 and tracked ``frames`` frames on."""
+    state = pred.init_state(clip)
+    for _, kwargs in _objects(3):
+        pred.add_new_points_or_box(state, **kwargs)
+    for _ in pred.propagate_in_video(state, max_frame_num_to_track=frames):
+        pass
+    return state
+
+
 def test_removing_an_object_frees_its_rows(models, clip):
     """Objects tracked together share each frame's tensors; removing one repacks the rest
     (same values, storages of the remaining rows only), so its memory is released."""
     pred = models("sam2.1_hiera_tiny")
     with torch.inference_mode():
-        state = pred.init_state(clip)
-        for _, kwargs in _objects(3):
-            pred.add_new_points_or_box(state, **kwargs)
-        for _ in pred.propagate_in_video(state, max_frame_num_to_track=4):
-            pass
+        state = _three_tracked(pred, clip, 4)
         keys = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits")
         before = {(o.obj_id, t, k): out[k].clone() for o in state.objects
                   for t, out in o.outputs["non_cond_frame_outputs"].items() for k in keys}
@@ -293,11 +299,7 @@ def test_pickled_session_keeps_one_tensor_per_frame(models, clip):
 
     pred = models("sam2.1_hiera_tiny")
     with torch.inference_mode():
-        state = pred.init_state(clip)
-        for _, kwargs in _objects(3):
-            pred.add_new_points_or_box(state, **kwargs)
-        for _ in pred.propagate_in_video(state, max_frame_num_to_track=3):
-            pass
+        state = _three_tracked(pred, clip, 3)
     loaded = pickle.loads(pickle.dumps(state))
     for t in range(1, 4):
         rows = [o.outputs["non_cond_frame_outputs"][t]["maskmem_features"] for o in loaded.objects]

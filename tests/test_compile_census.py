@@ -103,22 +103,13 @@ def test_preloaded_frames_loaded_in_the_background_do_not_recompile(video):
 
 
 # ----------------------------------------------------------------------------- mutations
-def _old_table(self, height, width, device):  # the cache read and filled while tracing
-    key = (int(height), int(width))
-    cached = self._tables.get(key)
-    if cached is None or cached.device != device:
-        cached = self._build(height, width, device)
-        self._tables[key] = cached
-    return cached
-
-
 def _plant(monkeypatch, which: str) -> None:
     from sam2_fast.modeling import batched_step
     from sam2_fast.modeling.position_encoding import PositionEmbeddingSine
     from sam2_fast.video.frames_base import Normalizer
 
     if which == "table-cache-traced":
-        monkeypatch.setattr(PositionEmbeddingSine, "table", _old_table)
+        monkeypatch.setattr(PositionEmbeddingSine, "table", PositionEmbeddingSine._cached)  # also when tracing
     elif which == "frames-in-callers-mode":
         for name in ("__call__", "in_numpy", "on_device"):  # undecorated: the caller's mode
             monkeypatch.setattr(Normalizer, name, getattr(Normalizer, name).__wrapped__)

@@ -61,6 +61,9 @@ class PositionEmbeddingSine(nn.Module):
             # the entry its first trace added made the next call recompile the whole image
             # encoder / memory encoder (inductor folds this sin/cos into the output write)
             return self._build(height, width, device)
+        return self._cached(height, width, device)
+
+    def _cached(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         key = (int(height), int(width))
         cached = self._tables.get(key)
         if cached is None or cached.device != device:
