@@ -195,6 +195,9 @@ def test_nine_objects_through_graph_bookkeeping(models, oracle, clip, monkeypatc
 
     from sam2_fast.runtime.graphs import install_graphs
 
+    # the per-object oracle runs first, without graphs: when this test runs alone it would
+    # otherwise be recorded through the graphed predictor and capture a 1-row signature too
+    oracle("nine", "sam2.1_hiera_tiny", True)
     pred = models("sam2.1_hiera_tiny", True)
     counters = pred.runtime_info["counters"]
     steps, undo = install_graphs(pred, pred.__dict__["_fast_runtime_bank"], counters, backend=ReplayByRerun())
