@@ -5,7 +5,7 @@ call for every object that needs tracking (``SAM2Base.track_objects_step``), eac
 with its own memory layout in its own row of a padded bank. The oracle is per-object
 tracking through the official ``track_step`` at batch 1 (``propagate.TRACK_PER_OBJECT``,
 the reference predictor's loop; ``track_step`` itself is checked against sam2==1.1.0 in
-test_sam2_base / test_video_predictor).
+test_sam2_base_tracking / test_video_predictor).
 
 Same model (sensitive weights), same clip (20 frames: 7 memory frames and 16 pointers
 fill), same script; every returned mask is compared per frame and object. Scripts cover
