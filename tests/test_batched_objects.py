@@ -189,9 +189,9 @@ def test_nine_objects_in_a_padded_bucket(models, oracle, clip, monkeypatch):
 
 def test_nine_objects_through_graph_bookkeeping(models, oracle, clip, monkeypatch):
     """The same 16-row steps replayed through GraphedStep (CPU stand-in for CUDA graphs,
-    test_runtime.ReplayByRerun): the bank's per-row buffers are read in place, the key
+    runtime_harness.ReplayByRerun): the bank's per-row buffers are read in place, the key
     flags rewritten before every replay."""
-    from test_runtime import ReplayByRerun
+    from runtime_harness import ReplayByRerun
 
     from sam2_fast.runtime.graphs import install_graphs
 
