@@ -1,5 +1,5 @@
 """Shared pieces of the ``StreamingTracker`` tests (test_stream.py, test_stream_frames.py):
-the model, the clip and their sizes.
+the model, the clip, their sizes and the fixtures that build them once per module.
 
 Model: SAM 2.1 tiny at image_size 64 with the sensitive weight recipe; the object-score bias
 keeps objects present on most frames and absent on some (asserted in test_stream.py).
@@ -8,6 +8,7 @@ keeps objects present on most frames and absent on some (asserted in test_stream
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import video_utils as V
@@ -33,3 +34,19 @@ def build_predictor():
 def make_stream_clip() -> np.ndarray:
     """(NUM_FRAMES, 75, 101, 3) uint8."""
     return V.make_clip(NUM_FRAMES, *CLIP_HW, seed=1)
+
+
+def stream_fixtures():
+    """The fixtures ``predictor`` and ``clip``: a test module binds them under those names
+    (``predictor, clip = stream_fixtures()``) and pytest builds each once per module."""
+
+    @pytest.fixture(scope="module", name="predictor")
+    def predictor():
+        with V.single_thread():
+            yield build_predictor()
+
+    @pytest.fixture(scope="module", name="clip")
+    def clip():
+        return make_stream_clip()
+
+    return predictor, clip

@@ -18,19 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import video_utils as V
-from stream_harness import CLIP_HW, NUM_FRAMES, build_predictor, make_stream_clip
+from stream_harness import CLIP_HW, NUM_FRAMES, stream_fixtures
 
-
-@pytest.fixture(scope="module")
-def predictor():
-    with V.single_thread():
-        yield build_predictor()
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return make_stream_clip()
+predictor, clip = stream_fixtures()
 
 
 def _mask_prompt(clip):

@@ -15,18 +15,9 @@ from PIL import Image
 
 import video_utils as V
 from cli_harness import write_mp4
-from stream_harness import CLIP_HW, S, build_predictor, make_stream_clip
+from stream_harness import CLIP_HW, S, stream_fixtures
 
-
-@pytest.fixture(scope="module")
-def predictor():
-    with V.single_thread():
-        yield build_predictor()
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return make_stream_clip()
+predictor, clip = stream_fixtures()
 
 
 # ---------------------------------------------------------------------- frame types
