@@ -5,7 +5,7 @@ call for every object that needs tracking (``SAM2Base.track_objects_step``), eac
 with its own memory layout in its own row of a padded bank. The oracle is per-object
 tracking through the official ``track_step`` at batch 1 (``propagate.TRACK_PER_OBJECT``,
 the reference predictor's loop; ``track_step`` itself is checked against sam2==1.1.0 in
-test_sam2_base / test_video_predictor).
+test_sam2_base_tracking / test_video_predictor).
 
 Same model (sensitive weights), same clip (20 frames: 7 memory frames and 16 pointers
 fill), same script; every returned mask is compared per frame and object. Scripts cover
@@ -189,9 +189,9 @@ def test_nine_objects_in_a_padded_bucket(models, oracle, clip, monkeypatch):
 
 def test_nine_objects_through_graph_bookkeeping(models, oracle, clip, monkeypatch):
     """The same 16-row steps replayed through GraphedStep (CPU stand-in for CUDA graphs,
-    test_runtime.ReplayByRerun): the bank's per-row buffers are read in place, the key
+    runtime_harness.ReplayByRerun): the bank's per-row buffers are read in place, the key
     flags rewritten before every replay."""
-    from test_runtime import ReplayByRerun
+    from runtime_harness import ReplayByRerun
 
     from sam2_fast.runtime.graphs import install_graphs
 

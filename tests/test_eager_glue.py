@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import sensitize_  # noqa: E402
-from test_runtime import build_predictor, track  # noqa: E402
+from runtime_harness import build_predictor, track  # noqa: E402
 from video_utils import make_clip  # noqa: E402
 
 from sam2_fast.modeling import rope as rope_mod  # noqa: E402

@@ -1,69 +1,29 @@
 """The fast runtime (``vos_optimized=True``): static memory bank, compile, CUDA graphs, bf16.
 
-CPU (run here): the static bank against the plain memory attention over every memory
-layout tracking produces, with mutations that must fail; the predictor built with
-``vos_optimized=True`` against the eager one on a synthetic clip; ``torch.compile``
-(aot_eager) against eager; the settings and what the runtime records.
-CUDA (``@pytest.mark.cuda``, run by the GPU check): bf16 runtime against fp32 eager, CUDA
-graphs against eager, graph re-capture on a new signature.
+CPU (this module): the predictor built with ``vos_optimized=True`` against the eager one on
+a synthetic clip, with a broken bank that must fail (the bank itself against the plain
+memory attention: test_static_bank.py); CUDA graph bookkeeping on a CPU stand-in;
+``torch.compile`` (aot_eager) against eager; the settings and what the runtime records.
+CUDA (``@pytest.mark.cuda``, run by the GPU check): test_runtime_cuda.py. Shared pieces:
+``runtime_harness``.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-from typing import List, Tuple
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import rel_err, sensitize_  # noqa: E402
-from video_utils import make_clip  # noqa: E402
+from runtime_harness import BF16_TRACK_TOL, TRACK_TOL, ReplayByRerun, build_predictor, runtime_clip, track
+from support import rel_err
 
-from sam2_fast.build_sam import build_sam2_video_predictor  # noqa: E402
-from sam2_fast.runtime import disable_fast_runtime, enable_fast_runtime, runtime_settings  # noqa: E402
-from sam2_fast.runtime import static_bank as sb  # noqa: E402
-from sam2_fast.runtime.graphs import GraphedStep, install_graphs  # noqa: E402
-from torch.utils import _pytree as pytree  # noqa: E402
-
-TRACK_TOL = 1e-4
-SIZE = 128  # image side of the tiny predictor: 8x8 memory tokens
-CONFIG = "sam2.1_hiera_tiny"
-
-needs_cuda = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def cuda_test(fn):
-    for mark in needs_cuda:
-        fn = mark(fn)
-    return fn
-
-
-# ----------------------------------------------------------------------------- helpers
-def build_predictor(vos_optimized: bool):
-    torch.manual_seed(0)  # the prompt encoder's random Fourier features are drawn at build time
-    pred = build_sam2_video_predictor(CONFIG, device="cpu", vos_optimized=vos_optimized,
-                                      hydra_overrides_extra=[f"++model.image_size={SIZE}"])
-    return sensitize_(pred, 0, obj_score_bias=2.0)  # bias: the object is present on most frames
+from sam2_fast.runtime import disable_fast_runtime, enable_fast_runtime, runtime_settings
+from sam2_fast.runtime import static_bank as sb
+from sam2_fast.runtime.graphs import GraphedStep, install_graphs
 
 
 @pytest.fixture(scope="module")
 def clip():
-    return make_clip(11, 72, 88, seed=1)
-
-
-def track(pred, clip) -> torch.Tensor:
-    """Prompts on frames 0, 2 and 4: from frame 9 on, 3 conditioning + 5 recent frames fill
-    8 of the 9-frame bucket (both bank buckets and their padding are used)."""
-    state = pred.init_state(clip)
-    pred.add_new_points_or_box(state, 0, 1, points=[[30, 36]], labels=[1])
-    pred.add_new_points_or_box(state, 2, 1, points=[[40, 36], [10, 10]], labels=[1, 0])
-    pred.add_new_points_or_box(state, 4, 1, box=[36, 20, 66, 50])
-    masks = [m for _, _, m in pred.propagate_in_video(state)]
-    return torch.stack(masks)  # (T, 1, 1, H, W) logits at video resolution
+    return runtime_clip()
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +109,6 @@ def test_enable_is_reversible_and_keeps_the_state_dict():
         enable_fast_runtime(torch.nn.Linear(2, 2))
 
 
-# bf16 tolerance: bf16 keeps 8 significant bits, so each rounding has relative error
-# <= 2^-8. Independent roundings along a chain of d stages add up like a random walk,
-# ~sqrt(d) * 2^-8. The tiny model's per-frame path has d ~ 50 stages (12 Hiera blocks x 2
-# residual branches, FPN, 4 memory-attention layers x 3 branches, 2 decoder blocks x 4,
-# upscaling), so sqrt(50) * 2^-8 ~ 0.028; a factor 4 covers the unit-gain sensitive
-# weights and the tracking feedback over a few frames.
-BF16_UNIT = 2.0 ** -8
-BF16_TRACK_TOL = 4 * math.sqrt(50) * BF16_UNIT
-
-
 def test_bf16_autocast_on_cpu_when_asked(clip, eager_logits):
     """The bf16 policy run on CPU (CPU autocast): same code path as CUDA's autocast regions.
     Measured here: rel err ~0.02, 99.4% of mask pixels agree. The lower bound proves that
@@ -206,31 +156,6 @@ def test_graphed_step_passes_cpu_calls_through():
     with torch.inference_mode():
         assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
     assert calls == [1] and not step._graphs
-
-
-class ReplayByRerun:
-    """CPU stand-in for CUDA graph capture with the same buffer semantics: the outputs of
-    "capture" are fixed tensors that every replay overwrites in place, and a replay reads
-    only the captured (static) input tensors. Bookkeeping bugs in GraphedStep (an input not
-    copied in, a static buffer not read in place, an output handed out without a clone)
-    then show up as wrong masks on CPU."""
-
-    device_type = "cpu"
-
-    def capture(self, run, warmup):
-        for _ in range(warmup):
-            run()
-        outputs = run()
-
-        def replay():
-            fresh = pytree.tree_leaves(run())
-            for dst, src in zip(pytree.tree_leaves(outputs), fresh):
-                dst.copy_(src)
-
-        return replay, outputs
-
-    def recover(self):
-        pass
 
 
 def test_graphed_step_keeps_the_recently_used_signatures():
@@ -327,84 +252,3 @@ def test_enable_with_compile_tracks_like_eager(clip, eager_logits):
     assert "forward" not in pred.image_encoder.__dict__ and "forward" not in pred.sam_mask_decoder.__dict__
     print(f"compiled (aot_eager) runtime vs eager: rel err {err:.2e}")
     assert err <= TRACK_TOL
-
-
-# ----------------------------------------------------------------------------- CUDA
-
-
-def build_cuda_predictor():
-    torch.manual_seed(0)
-    pred = build_sam2_video_predictor(CONFIG, device="cuda", hydra_overrides_extra=[f"++model.image_size={SIZE}"])
-    return sensitize_(pred, 0, obj_score_bias=2.0)
-
-
-def cuda_track(pred, clip) -> torch.Tensor:
-    return track(pred, clip).float().cpu()
-
-
-def fast_cuda_track(clip, **runtime) -> Tuple[torch.Tensor, dict]:
-    """Track with the fast runtime, then undo it (TF32 and inductor settings are global)."""
-    pred = enable_fast_runtime(build_cuda_predictor(), **runtime)
-    info = pred.runtime_info
-    try:
-        return cuda_track(pred, clip), info
-    finally:
-        disable_fast_runtime(pred)
-
-
-@pytest.fixture(scope="module")
-def cuda_eager(clip):
-    return cuda_track(build_cuda_predictor(), clip)
-
-
-@cuda_test
-def test_cuda_graphs_match_eager_fp32(clip, cuda_eager):
-    graphed, info = fast_cuda_track(clip, dtype=torch.float32, compile=False, cuda_graphs=True)
-    counters = info["counters"]
-    assert info["cuda_graphs"] == ["image_encoder", "mask_decoder", "memory_encoder", "memory_attention"]
-    assert not any(k.startswith("graph_capture_failed") for k in counters), dict(counters)
-    assert counters["graph_captures[memory_attention]"] == 2, dict(counters)  # one per bucket
-    assert counters["graph_replays[image_encoder]"] >= 1, dict(counters)
-    err = rel_err(graphed, cuda_eager)
-    print(f"CUDA graphs vs eager (fp32): rel err {err:.2e}")
-    assert err <= TRACK_TOL
-
-
-@cuda_test
-def test_bf16_runtime_matches_fp32_eager(clip, cuda_eager):
-    fast, info = fast_cuda_track(clip, compile=False, cuda_graphs=False)
-    assert info["autocast"] == "bfloat16" and info["tf32"]
-    err = rel_err(fast, cuda_eager)
-    agree = ((fast > 0) == (cuda_eager > 0)).float().mean().item()
-    print(f"bf16 vs fp32: rel err {err:.3e} (tol {BF16_TRACK_TOL:.3f}), mask agreement {agree:.4f}")
-    assert err <= BF16_TRACK_TOL and agree >= 0.97
-
-
-@cuda_test
-def test_full_runtime_compiled_graphed_bf16(clip, cuda_eager):
-    # the vos_optimized defaults, except the compile mode: max-autotune's GEMM/conv autotuning
-    # would take minutes per graph inside the GPU check's time budget, and changes only which
-    # kernels are picked, not what is traced, compiled and captured
-    fast, info = fast_cuda_track(clip, compile_mode="default")
-    assert set(info["compiled"]) == {"image_encoder", "memory_encoder", "mask_decoder", "memory_attention"}
-    assert info["cuda_graphs"] and not info["skipped"].get("cuda_graphs")
-    counters = info["counters"]
-    assert not any(k.startswith("graph_capture_failed") for k in counters), dict(counters)
-    err = rel_err(fast, cuda_eager)
-    print(f"bf16 + compile + graphs vs fp32 eager: rel err {err:.3e}; {dict(counters)}")
-    assert err <= BF16_TRACK_TOL
-
-
-@cuda_test
-def test_graphed_step_recaptures_per_signature():
-    lin = torch.nn.Linear(16, 8).cuda()
-    step = GraphedStep(lambda x, scale: lin(x) * scale, "toy")
-    with torch.inference_mode():
-        outs: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        for rows, scale in ((3, 2.0), (3, 2.0), (5, 2.0), (3, 0.5)):
-            x = torch.randn(rows, 16, device="cuda")
-            outs.append((step(x, scale), lin(x) * scale))
-    for got, want in outs:
-        assert rel_err(got, want) <= 1e-5  # same kernels; only a cuBLAS algorithm pick could differ
-    assert step.counters["graph_captures[toy]"] == 3  # (3, 2.0), (5, 2.0), (3, 0.5)
-    assert step.counters["graph_replays[toy]"] == 4
