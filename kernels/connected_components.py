@@ -83,6 +83,8 @@ CONFIG = LaunchConfig(4096, 1, 16, 1)
 # Where the neighbours of a pixel are looked up: rows above (dy = -1) at dx = 0, -1, +1 for
 # work bits 0, 1, 2. A module constant so that a mutation test can plant a wrong offset.
 UP_DX = (0, -1, 1)
+# Phase 4 walks every pixel to its root (False: a planted bug for the mutation test).
+FLATTEN = True
 STATS_LEN = 8  # union iterations, chunks, work items, flatten steps (sum, max), 3 spare
 
 
@@ -274,11 +276,9 @@ def _as_bytes(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def connected_components_triton(mask: torch.Tensor, check: bool = True,
-                                stats: Optional[torch.Tensor] = None,
-                                flatten: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                                stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(labels, areas) of ``mask`` (module docstring), one launch of B = prod(leading dims)
     programs. ``stats``: an int32 (B, 8) buffer for the loop counters (tests, roofline).
-    ``flatten=False`` skips phase 4's walk to the roots (a planted bug for the mutation test).
     ``check=False``: the caller ran ``unsupported_reason`` (the selection layer)."""
     if check:
         reason = unsupported_reason(mask, forced=mask.device.type != "cuda")
@@ -296,7 +296,7 @@ def connected_components_triton(mask: torch.Tensor, check: bool = True,
     if want_stats and (stats.dtype != torch.int32 or tuple(stats.shape) != (b, STATS_LEN)):
         raise ValueError(f"connected_components: stats must be int32 ({b}, {STATS_LEN})")
     (consts, cfg), = all_configs()
-    consts = dict(consts, DX0=UP_DX[0], DX1=UP_DX[1], DX2=UP_DX[2], FLATTEN=flatten, STATS=want_stats)
+    consts = dict(consts, DX0=UP_DX[0], DX1=UP_DX[1], DX2=UP_DX[2], FLATTEN=FLATTEN, STATS=want_stats)
     _cc_kernel[(b,)](src, labels, areas, stats if want_stats else labels, h, w,
                      **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return labels, areas
