@@ -42,27 +42,33 @@ threads, so every load of L and of the counts uses ``cache_modifier=".cg"`` (cac
 only): an L1 line filled before another thread's atomic would otherwise serve the old
 parent. The mask is never written: its loads keep the L1 (6 overlapping neighbour loads).
 
-Roofline (written before any GPU run; the next GPU lease checks it). Per image of n pixels
-(256 x 256 at 1024 px input: n = 65,536, BLOCK = 4096: 16 tiles):
-  * bytes: mask 1 B/px once from L2 (neighbour loads hit L1), phase 1 stores L + list
-    (<= 8 B/px), phase 3 4 B/px, phase 4 reads 4 + writes 4 B/px plus one atomic per run
-    piece, phase 5 reads 8 B/px and writes 8: ~37 B/px = 2.4 MB per 256^2 image. The
-    scratch is the 512 KB of outputs per image: it stays in L2 (50 MB on an H200) even
-    for 8 objects (4 MB).
-  * passes: 4 streaming passes (init, zero, flatten, gather) + the union loop. Counted under
-    the interpreter on the test masks (``connected_components_triton(..., stats=...)``): see
-    ``tests/kernels/test_connected_components.py::test_union_loop_iterations``; blobs
-    (smoothed noise, SAM-like masks) at 256^2: 1 chunk, ~5-7 union iterations; random
-    noise at density 0.5: ~5 chunks (one per 4096 items); flatten <= ~5 steps per tile.
-  * one CTA per image: B images use B of the H200's 132 SMs, so the time is that of one SM
-    and does not grow with the object count up to 132. An SM alone streams ~100 GB/s from
-    L2 (2.4 MB: ~25 us if bandwidth bound), but the passes are latency bound: 16 tiles x 4
-    passes x ~1-5 dependent L2 round trips (~0.3 us each with the CTA-wide loop test) plus
-    ~2 x 7 union steps: predicted 30-60 us per frame for 1 and for 8 objects at 256 x 256.
-  * against the torch loop: on CUDA it runs ~80-180 kernel launches (each >= ~4 us of
-    launch/host time: 0.3-0.8 ms) and 3-13 host syncs per frame, and cannot be captured in
-    a CUDA graph. Counted: ``benchmarks/op_census.py --fill-holes`` (see benchmarks/NOTES.md,
-    2026-12-01 session 3).
+Roofline (written before any GPU run or tuning; the next GPU lease checks it). Per image of
+n pixels; the hot shape is 256 x 256 (1024 px input): n = 65,536, BLOCK = 2048, 32 tiles.
+  * bytes: mask 1 B/px from L2 once (it was just written by ``mask <= 0``; the 6 overlapping
+    neighbour loads hit L1), phase 1 writes L and the list (<= 8 B/px), phase 3 4 B/px,
+    phase 4 reads 4 + writes 4 B/px plus one atomic per run piece, phase 5 reads 8 and
+    writes 8 B/px: ~37 B/px = 2.4 MB per image, against ~100 GB/s that one SM draws from L2:
+    ~25 us if bandwidth bound. Scratch = the outputs, 512 KB per image (4 MB for 8 objects):
+    L2-resident on an H200 (50 MB).
+  * passes ("sweeps"): fixed, no convergence sweeps: 4 streaming passes (init, zero, flatten,
+    gather) + the union loop. Counted under the interpreter (``stats=``, printed by
+    ``test_256_sam_like_and_union_loop_iterations``): on SAM-like 256^2 masks (the outside of
+    a disk; smoothed noise, sigma 4-16, as ``mask <= 0`` of low-res logits) 395-1847 work
+    items = 1 chunk, 13-15 union iterations, flatten 79-112 walk steps over the 32 tiles (<= 4
+    in any tile). Worst case seen, noise at density 0.5: 19,514 items, 10 chunks, 147 union
+    iterations (scales with the number of runs, not with n).
+  * latency: one CTA per image, so B images use B of the H200's 132 SMs: the time is one SM's
+    and the same for 1 and for 8 objects (up to 132). The passes are bound by dependent L2
+    round trips (~300-400 cycles with the CTA-wide reductions), not bytes: phase 1 ~0.5 us a
+    tile (2 scans) = ~16 us, unions 14 x ~0.45 us = ~6 us, zero ~3 us, flatten ~1 us a tile
+    (load, ~3 walk steps, scan, atomic) = ~33 us, gather ~0.3 us a tile = ~10 us.
+    Predicted: ~70 us per frame (range 40-100 us) for 1 and for 8 objects at 256 x 256.
+  * against the torch loop, on the same masks with the CUDA plan (3 hooking rounds + 2 jumps
+    per check): ``fill_holes_in_mask_scores`` runs 81 aten ops (~80 kernel launches, each
+    ~5-10 us of eager host time: ~0.4-0.8 ms) and 2 host syncs per frame (more on harder
+    masks: 3-13, ``schedule``), and cannot be captured in a CUDA graph; the kernel is one
+    launch, no sync, capturable. Predicted gain: 5-10x on the hole filling, plus the CPU
+    free to queue the next frame.
 """
 
 from __future__ import annotations
@@ -77,9 +83,11 @@ from ._common import LaunchConfig
 
 # Work items are p * 8 + bits in int32 and labels are flat indices + 1: n * 8 must fit.
 MAX_PIXELS = (2**31 - 1) // 8
-# 4096 pixels per tile with 16 warps: 8 per thread (see the roofline: larger tiles mean fewer
-# dependent round trips per pass; registers bound the tile).
-CONFIG = LaunchConfig(4096, 1, 16, 1)
+# 2048 pixels per tile with 16 warps: 4 per thread. Larger tiles mean fewer dependent round
+# trips per pass (roofline), registers bound the tile: AOT (triton 3.8) 82 registers on sm_80,
+# 102 on sm_90, no spills; 4096 x 16 warps spills at the 128-register cap (148 B on sm_90),
+# 4096 x 32 warps at the 64-register cap (112 B).
+CONFIG = LaunchConfig(2048, 1, 16, 1)
 # Where the neighbours of a pixel are looked up: rows above (dy = -1) at dx = 0, -1, +1 for
 # work bits 0, 1, 2. A module constant so that a mutation test can plant a wrong offset.
 UP_DX = (0, -1, 1)

@@ -149,7 +149,7 @@ def test_256_sam_like_and_union_loop_iterations():
     t = time.perf_counter()
     labels, areas = cc.connected_components_triton(mask, stats=stats)
     print(f"interpreter {time.perf_counter() - t:.1f} s; per image [union iterations, chunks, work items, "
-          f"flatten steps (sum over 16 tiles), worst tile]: {stats[:, :5].tolist()}")
+          f"flatten steps (sum over the tiles), worst tile]: {stats[:, :5].tolist()}")
     ref_l, ref_a = masks_mod.connected_components_torch(mask)
     assert torch.equal(labels, ref_l) and torch.equal(areas, ref_a)
     assert int(stats[:, 0].max()) <= MAX_UNION_ITERS_256, stats[:, 0].tolist()
@@ -186,6 +186,46 @@ def test_mutation_is_caught(monkeypatch, planted):
     with pytest.raises(AssertionError, match="differ from the torch path") as info:
         check_parity(torch.from_numpy(_shapes_batch()))
     print(info.value)
+
+
+@pytest.mark.interp
+@needs_interp
+def test_switch_and_compile_fullgraph(monkeypatch):
+    """SAM2_FAST_DISABLE_CONNECTED_COMPONENTS=1 keeps the torch path; torch.compile(fullgraph)
+    traces the custom op (fake impl) and runs the kernel."""
+    from sam2_fast.kernels import dispatch as K
+    mask = torch.from_numpy(_shapes_batch()[:3])
+    want = masks_mod.connected_components_torch(mask)
+    K.reset_launch_counts()
+    monkeypatch.setenv("SAM2_FAST_DISABLE_CONNECTED_COMPONENTS", "1")
+    with K.force_kernels():
+        masks_mod.connected_components(mask)
+    assert K.launch_counts() == {}
+    monkeypatch.delenv("SAM2_FAST_DISABLE_CONNECTED_COMPONENTS")
+    torch._dynamo.reset()
+    fn = torch.compile(masks_mod.connected_components, fullgraph=True, backend="aot_eager")
+    with K.force_kernels():
+        got = fn(mask)
+    torch._dynamo.reset()
+    assert K.launch_counts() == {"connected_components": 1}
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.interp
+@needs_interp
+def test_selection_numerics_check_is_exact(monkeypatch):
+    """The slot's check rejects a kernel that is wrong anywhere (planted: no flatten) and keeps
+    the torch loop; the right kernel passes with error 0."""
+    from sam2_fast.kernels import select as sel
+    from sam2_fast.kernels import slots
+    mask = torch.from_numpy(_shapes_batch()[:4])
+    timer = {"triton": 1.0, "torch": 50.0}
+    fake = lambda fn: timer[fn.__defaults__[0].name]  # noqa: E731
+    good = sel.measure(slots.CONNECTED_COMPONENTS, mask, timer=fake)
+    assert good["choice"] == "triton" and good["errors"] == {"triton": 0.0, "torch": 0.0}
+    monkeypatch.setattr(cc, "FLATTEN", False)
+    bad = sel.measure(slots.CONNECTED_COMPONENTS, mask, timer=fake)
+    assert bad["choice"] == "torch" and bad["errors"]["triton"] == float("inf")
 
 
 def test_unsupported_reasons_are_named():
