@@ -165,8 +165,9 @@ def _cc_kernel(mask_ptr, lab_ptr, area_ptr, stats_ptr, H, W,
             pa = tl.load(L + a, mask=busy, other=0, cache_modifier=".cg")
             pb = tl.load(L + b, mask=walk, other=0, cache_modifier=".cg")
             # path splitting: the node a walk came from now points at its grandparent
-            tl.atomic_min(L + ap, pa, mask=walk & (ap != a) & (pa != a))
-            tl.atomic_min(L + bp, pb, mask=walk & (bp != b) & (pb != b))
+            # (relaxed: these writes only shorten paths, no other access is ordered by them)
+            tl.atomic_min(L + ap, pa, mask=walk & (ap != a) & (pa != a), sem="relaxed")
+            tl.atomic_min(L + bp, pb, mask=walk & (bp != b) & (pb != b), sem="relaxed")
             roots = walk & (pa == a) & (pb == b)
             hi = tl.maximum(a, b)
             lo = tl.minimum(a, b)
@@ -179,7 +180,7 @@ def _cc_kernel(mask_ptr, lab_ptr, area_ptr, stats_ptr, H, W,
             # the outside of a disk at 256^2); every chain node doing this is pointer jumping
             # (each step doubles the distance): ~log2 steps, and later walks stay short.
             cstep = busy & comp & (pa != a)
-            tl.atomic_min(L + ap, pa, mask=cstep)
+            tl.atomic_min(L + ap, pa, mask=cstep, sem="relaxed")
             done = (roots & (a == b)) | (busy & comp & (pa == a))
             # next state: walkers step to the parents; a lost hook retries with (lo, old);
             # a won hook starts compressing hi; a compressing lane steps on
@@ -233,7 +234,8 @@ def _cc_kernel(mask_ptr, lab_ptr, area_ptr, stats_ptr, H, W,
         left = tl.load(m + p - 1, mask=fg & (x > 0) & (p > t0), other=0) != 0
         right = tl.load(m + p + 1, mask=fg & (x < W - 1) & (p < t0 + BLOCK - 1), other=0) != 0
         seg = tl.associative_scan(tl.where(fg & ~left, p, -1), 0, _max_combine)
-        tl.atomic_add(A + r, p - seg + 1, mask=fg & ~right)
+        # relaxed: the barrier after the pass orders the counts before the gather reads them
+        tl.atomic_add(A + r, p - seg + 1, mask=fg & ~right, sem="relaxed")
     tl.debug_barrier()
 
     # ---- 5. gather: labels = root + 1, areas = count of the root (in place, see docstring)
