@@ -5,9 +5,9 @@
 For each slot (memory cross-attention in the 256-d and in the 64-d value space, memory
 self-attention, Hiera window attention, mask upsampling, connected components) it times every
 implementation that can run (our Triton kernels with their tile configs; SDPA forced to flash,
-cuDNN, memory-efficient, math; the default dispatch; the torch loop), checks each against an fp32/fp64 reference
-(relative error, NaN never passes), and prints one row per candidate: median us, TFLOP/s
-of the candidate's own FLOPs, "ref-equivalent" TFLOP/s (the reference formulation's FLOPs
+cuDNN, memory-efficient, math; the default dispatch; the torch loop), checks each against an
+fp32/fp64 reference (relative error, NaN never passes), and prints one row per candidate:
+median us, TFLOP/s of the candidate's own FLOPs, "ref-equivalent" TFLOP/s (the reference formulation's FLOPs
 over this time, so value-space rows compare directly with 256-d rows), error, and for
 Triton rows the compiled kernel's registers / spills / shared memory and whether it uses
 wgmma/mma. Also measures the card's two ceilings (bf16 8192^3 matmul, device copy).
@@ -322,29 +322,24 @@ def upsample() -> None:
 
 
 def _sam_like_masks(n: int, side: int) -> torch.Tensor:
-    """(n, 1, side, side) bool: the outside of smooth blobs with holes, as ``mask <= 0`` of
-    low-res logits (what hole filling labels every frame)."""
-    g = torch.Generator(device=DEV).manual_seed(n)
+    """(n, 1, side, side) bool: outsides of smooth blobs with holes (``mask <= 0`` of logits)."""
+    g, k = torch.Generator(device=DEV).manual_seed(n), max(3, side // 16) | 1
     x = torch.rand(n, 1, side, side, device=DEV, generator=g)
-    k = max(3, side // 16) | 1
     for _ in range(2):
         x = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
-    x = (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True)
-    return x <= 0.5
+    return (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True) <= 0.5
 
 
 def components() -> None:
-    """Connected components (hole filling, every tracked frame of the 2.1 configs): the torch
-    loop (launches + host syncs) against the one-launch Triton kernel, 1 and 8 objects."""
+    """Hole filling's labelling (every frame of the 2.1 configs): torch loop vs one Triton launch."""
     from sam2_fast.kernels import connected_components as ccm
-    from sam2_fast.utils.masks import connected_components_torch
+    from sam2_fast.utils.masks import connected_components_torch as loop
     side = 256 // SCALE
     for name, n in [("1obj-256", 1), ("8obj-256", 8)]:
         m = _sam_like_masks(n, side)
-        gold = torch.stack(connected_components_torch(m)).float()
+        gold = torch.stack(loop(m)).float()
         moved = 37.0 * n * side * side  # bytes per the kernel's roofline
-        row("components", name, "torch", lambda: torch.stack(connected_components_torch(m)).float(),
-            0, 0, gold, moved)
+        row("components", name, "torch", lambda: torch.stack(loop(m)).float(), 0, 0, gold, moved)
         row("components", name, "triton", lambda: torch.stack(ccm.connected_components_triton(m)).float(),
             0, 0, gold, moved, jitfns=(ccm._cc_kernel,))
 
