@@ -3,11 +3,11 @@
     python benchmarks/kernel_candidates.py --out DIR [--budget S] [--quick]
 
 For each slot (memory cross-attention in the 256-d and in the 64-d value space, memory
-self-attention, Hiera window attention, mask upsampling) it times every implementation
-that can run (our Triton kernels with their tile configs; SDPA forced to flash, cuDNN,
-memory-efficient, math; the default dispatch), checks each against an fp32/fp64 reference
-(relative error, NaN never passes), and prints one row per candidate: median us, TFLOP/s
-of the candidate's own FLOPs, "ref-equivalent" TFLOP/s (the reference formulation's FLOPs
+self-attention, Hiera window attention, mask upsampling, connected components) it times every
+implementation that can run (our Triton kernels with their tile configs; SDPA forced to flash,
+cuDNN, memory-efficient, math; the default dispatch; the torch loop), checks each against an
+fp32/fp64 reference (relative error, NaN never passes), and prints one row per candidate:
+median us, TFLOP/s of the candidate's own FLOPs, "ref-equivalent" TFLOP/s (the reference formulation's FLOPs
 over this time, so value-space rows compare directly with 256-d rows), error, and for
 Triton rows the compiled kernel's registers / spills / shared memory and whether it uses
 wgmma/mma. Also measures the card's two ceilings (bf16 8192^3 matmul, device copy).
@@ -321,12 +321,36 @@ def upsample() -> None:
             jitfns=(mu._upsample_threshold_kernel,))
 
 
+def _sam_like_masks(n: int, side: int) -> torch.Tensor:
+    """(n, 1, side, side) bool: outsides of smooth blobs with holes (``mask <= 0`` of logits)."""
+    g, k = torch.Generator(device=DEV).manual_seed(n), max(3, side // 16) | 1
+    x = torch.rand(n, 1, side, side, device=DEV, generator=g)
+    for _ in range(2):
+        x = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+    return (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True) <= 0.5
+
+
+def components() -> None:
+    """Hole filling's labelling (every frame of the 2.1 configs): torch loop vs one Triton launch."""
+    from sam2_fast.kernels import connected_components as ccm
+    from sam2_fast.utils.masks import connected_components_torch as loop
+    side = 256 // SCALE
+    for name, n in [("1obj-256", 1), ("8obj-256", 8)]:
+        m = _sam_like_masks(n, side)
+        gold = torch.stack(loop(m)).float()
+        moved = 37.0 * n * side * side  # bytes per the kernel's roofline
+        row("components", name, "torch", lambda: torch.stack(loop(m)).float(), 0, 0, gold, moved)
+        row("components", name, "triton", lambda: torch.stack(ccm.connected_components_triton(m)).float(),
+            0, 0, gold, moved, jitfns=(ccm._cc_kernel,))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_out/kernels")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; later rows are skipped after it")
     ap.add_argument("--quick", action="store_true", help="default tile configs only")
-    ap.add_argument("--only", default="", help="comma list of steps (mem-cross-b1,mem-cross-b8,mem-layer-b1,mem-layer-b8,mem-self,window,upsample)")
+    ap.add_argument("--only", default="", help="comma list of steps (mem-cross-b1,mem-cross-b8,mem-layer-b1,mem-layer-b8,mem-self,window,upsample,"
+                    "components)")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     global DEV, SCALE, LOW
@@ -345,7 +369,8 @@ def main(argv=None) -> int:
             "cudnn": torch.backends.cudnn.version()}
     print(info, flush=True)
     info["ceilings"] = ceilings()
-    steps = [("mem-cross-b1", lambda: memory_cross(1, args.quick)), ("mem-cross-b8", lambda: memory_cross(8, True)),
+    # components first: 4 cheap rows that the quick budget must not skip
+    steps = [("components", components), ("mem-cross-b1", lambda: memory_cross(1, args.quick)), ("mem-cross-b8", lambda: memory_cross(8, True)),
              ("mem-layer-b1", lambda: memory_layer(1)), ("mem-layer-b8", lambda: memory_layer(8)),
              ("mem-self", memory_self), ("window", window), ("upsample", upsample)]
     if args.only:

@@ -4,6 +4,7 @@ Public functions (tensor contracts in each docstring and in the kernel modules):
     window_attention(qkv, qkv_bias, num_heads, window, q_pool) -> (B, H', W', C)
     memory_attention_vspace(q, k, v, ranges=None) -> (B, Nq, Dv)
     upsample_masks(logits, size, threshold=0.0, want_logits=False) -> (mask, logits | None)
+    connected_components(mask) -> (labels int32, areas int32)
     kernel_enabled(kernel, device_type) -> bool
     window_attention_reason(qkv, qkv_bias, num_heads, window, q_pool) -> str | None
 
@@ -12,6 +13,7 @@ Switches (read when a call is traced/run; names in ``ENV_ALL`` / ``ENV_SWITCHES`
     SAM2_FAST_DISABLE_WINDOW_ATTN=1     only window_attention
     SAM2_FAST_DISABLE_MEMORY_ATTN=1     only memory_attention_vspace (memory cross- and self-attention)
     SAM2_FAST_DISABLE_MASK_UPSAMPLE=1   only upsample_masks
+    SAM2_FAST_DISABLE_CONNECTED_COMPONENTS=1  only connected_components (hole filling)
     SAM2_FAST_FORCE_KERNELS=1 / ``with force_kernels():``  use Triton on CPU tensors too;
                                         needs TRITON_INTERPRET=1 at process start (tests)
     SAM2_FAST_FLASH_ATTN=1              global (window 0) Hiera blocks in fp16/bf16 on CUDA go
@@ -37,6 +39,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import connected_components as _cc
 from . import mask_upsample as _mu
 from . import select as _select
 from . import slots as _slots
@@ -50,6 +53,7 @@ ENV_SWITCHES = {
     "window_attention": "SAM2_FAST_DISABLE_WINDOW_ATTN",
     "memory_attention": "SAM2_FAST_DISABLE_MEMORY_ATTN",
     "mask_upsample": "SAM2_FAST_DISABLE_MASK_UPSAMPLE",
+    "connected_components": "SAM2_FAST_DISABLE_CONNECTED_COMPONENTS",
 }
 # Old private spellings, kept for code written against them.
 _ENV_ALL = ENV_ALL
@@ -210,6 +214,22 @@ def _(q, k, v, ranges):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
+def _connected_components_impl(mask):
+    _LAUNCHES["connected_components"] += 1
+    return _run_slot(_slots.CONNECTED_COMPONENTS, mask)
+
+
+@torch.library.custom_op("sam2_fast::connected_components", mutates_args=())
+def _connected_components_op(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    labels, areas = _connected_components_impl(mask)
+    return labels, areas
+
+
+@_connected_components_op.register_fake
+def _(mask):
+    return mask.new_empty(mask.shape, dtype=torch.int32), mask.new_empty(mask.shape, dtype=torch.int32)
+
+
 # ----------------------------------------------------------------------------- dispatchers
 
 
@@ -311,3 +331,20 @@ def upsample_masks(logits: torch.Tensor, size: Tuple[int, int], threshold: float
                                                       float(threshold), want_logits, want_mask)
         return (mask if want_mask else None), (big if want_logits else None)
     return _mu.upsample_masks_reference(logits, size, threshold, want_logits, want_mask)
+
+
+def connected_components(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """8-connected components, ``sam2_fast.utils.masks.connected_components``'s contract.
+
+    mask: (..., H, W), nonzero = foreground. Returns (labels, areas), int32, the mask's
+    shape: labels = 1 + flat index of the component's first pixel (0 on background), areas =
+    the component's pixel count. Where kernels are enabled the call goes to the selection
+    layer (one Triton launch with no host sync, or the torch loop where it measured faster);
+    shapes the kernel declines (counted in ``fallback_counts``) and the rest go to torch.
+    """
+    if _use_triton("connected_components", mask.device.type) and not _declined(
+            "connected_components", _cc.unsupported_reason(mask, forced=True)):
+        if torch.compiler.is_compiling():
+            return torch.ops.sam2_fast.connected_components(mask)
+        return _connected_components_impl(mask)
+    return _cc.connected_components_reference(mask)

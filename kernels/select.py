@@ -20,7 +20,8 @@ Rules:
     Triton kernel under the interpreter when a test forces kernels).
   * Numerics: a candidate passes when its error against the fp32 reference is at most twice
     that of the plain PyTorch candidate in the same dtype (the bar the kernel tests use), so
-    a fast but wrong backend is never kept.
+    a fast but wrong backend is never kept; slots with integer outputs (``exact``: connected
+    components) pass only when equal to the reference.
 Cache: ``$SAM2_FAST_CACHE_DIR/backend_choices.json`` (default ``~/.cache/sam2_fast``),
 written atomically (temporary file + rename); an unreadable cache is ignored, not fatal.
 """
@@ -73,6 +74,7 @@ class Slot:
     cpu: Callable[..., str]
     baseline: str
     first_output: Callable[[object], torch.Tensor] = lambda out: out  # the tensor to compare
+    exact: bool = False  # integer outputs (labels): a candidate passes only if equal to the reference
 
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:
@@ -207,7 +209,8 @@ def measure(slot: Slot, *args, timer: Optional[Callable] = None) -> dict:
             skipped[c.name] = reason
             continue
         try:
-            errors[c.name] = _rel(slot.first_output(c.run(*args)), ref)
+            got = slot.first_output(c.run(*args))
+            errors[c.name] = (0.0 if torch.equal(got, ref) else float("inf")) if slot.exact else _rel(got, ref)
             times[c.name] = timer(lambda c=c: c.run(*args))
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run is skipped, named
             skipped[c.name] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"

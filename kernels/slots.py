@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import connected_components as _cc
 from . import mask_upsample as _mu
 from . import vspace_attention as _va
 from . import window_attention as _wa
@@ -156,4 +157,32 @@ MASK_UPSAMPLE = Slot(
 )
 
 
-SLOTS = {s.name: s for s in (MEMORY_ATTENTION, WINDOW_ATTENTION, MASK_UPSAMPLE)}
+# ----------------------------------------------------------------------------- connected components
+# args: mask (..., H, W) -> (labels int32, areas int32). Exact: any difference fails the check.
+
+
+def _cc_unsupported(mask) -> Optional[str]:
+    return _triton_ok(mask) or _cc.unsupported_reason(mask, forced=True)
+
+
+def _cc_both(out) -> torch.Tensor:
+    return torch.stack([out[0], out[1]])
+
+
+CONNECTED_COMPONENTS = Slot(
+    name="connected_components",
+    candidates=(Candidate("triton", _unchecked(_cc.connected_components_triton), _cc_unsupported),
+                Candidate("torch", _cc.connected_components_reference)),
+    reference=lambda mask: _cc_both(_cc.connected_components_reference(mask)),
+    # masks per call (objects) and the mask size set the time; the dtype only the byte view
+    bucket=lambda mask: (_pow2_bucket(mask[..., 0, 0].numel()), mask.shape[-2], mask.shape[-1]),
+    # no host sync and capturable: the kernel, unless it cannot take the call
+    default=lambda mask: "triton" if _cc_unsupported(mask) is None else "torch",
+    cpu=lambda mask: "triton" if interpreting() and _cc_unsupported(mask) is None else "torch",
+    baseline="torch",
+    first_output=_cc_both,
+    exact=True,
+)
+
+
+SLOTS = {s.name: s for s in (MEMORY_ATTENTION, WINDOW_ATTENTION, MASK_UPSAMPLE, CONNECTED_COMPONENTS)}

@@ -26,11 +26,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 # Our kernels in the order the ladder adds them (names as in sam2_fast.kernels.ENV_SWITCHES).
-KERNEL_ORDER = ("window_attention", "memory_attention", "mask_upsample")
+KERNEL_ORDER = ("window_attention", "memory_attention", "mask_upsample", "connected_components")
 KERNEL_TITLES = {
     "window_attention": "+ Hiera windowed-attention kernel",
     "memory_attention": "+ memory cross-attention kernel",
     "mask_upsample": "+ fused mask-upsampling kernel",
+    "connected_components": "+ connected-components kernel (hole filling, no host syncs)",
 }
 
 

@@ -39,8 +39,8 @@ def _load() -> Optional[ModuleType]:
 @torch.compiler.assume_constant_result
 def kernel_enabled(kernel: str, device_type: str) -> bool:
     """Whether the dispatcher of ``kernel`` ("window_attention", "memory_attention",
-    "mask_upsample") sends ``device_type`` tensors to its Triton kernel (constant for a
-    compiled graph, like the dispatcher's own policy)."""
+    "mask_upsample", "connected_components") sends ``device_type`` tensors to its Triton
+    kernel (constant for a compiled graph, like the dispatcher's own policy)."""
     could_run = (device_type == "cuda" or _DISPATCH in sys.modules
                  or os.environ.get(_ENV_FORCE, "").strip() not in ("", "0"))
     if not could_run:

@@ -28,8 +28,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from sam2_fast.modeling import kernel_gate
+
 __all__ = [
     "connected_components",
+    "connected_components_torch",
     "fill_holes_in_mask_scores",
     "remove_sprinkles_in_mask_scores",
     "postprocess_low_res_masks",
@@ -101,10 +104,23 @@ def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """8-connected components of a binary mask (foreground = nonzero / True).
 
     ``mask``: (..., H, W), e.g. (N, 1, H, W) as in the reference. Returns ``(labels, areas)``
-    of the same shape, int32: ``labels`` is 0 on background and a positive id (shared by the
-    pixels of one component, distinct across components of one image) on foreground;
-    ``areas`` is the pixel count of the pixel's component (0 on background).
+    of the same shape, int32: ``labels`` is 0 on background and 1 + the flat index of the
+    component's first pixel (raster order) on foreground; ``areas`` is the pixel count of the
+    pixel's component (0 on background). On CUDA (unless ``SAM2_FAST_DISABLE_CONNECTED_
+    COMPONENTS=1`` or ``SAM2_FAST_DISABLE_KERNELS=1``) this goes to the selection layer's
+    ``connected_components`` slot: one Triton launch, no host sync (or this torch path where it
+    measured faster); elsewhere :func:`connected_components_torch`. Same result either way.
     """
+    if mask.dim() < 2:
+        raise ValueError(f"mask must have at least 2 dims (..., H, W), got shape {tuple(mask.shape)}")
+    if mask.numel() > 0 and kernel_gate.kernel_enabled("connected_components", mask.device.type):
+        return kernel_gate.dispatch().connected_components(mask)
+    return connected_components_torch(mask)
+
+
+def connected_components_torch(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`connected_components` in vectorised torch ops (module docstring): the CPU path
+    and the reference of the Triton kernel. On CUDA: 3-13 host syncs per call (``schedule``)."""
     if mask.dim() < 2:
         raise ValueError(f"mask must have at least 2 dims (..., H, W), got shape {tuple(mask.shape)}")
     shape = mask.shape

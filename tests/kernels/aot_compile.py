@@ -32,7 +32,7 @@ from aot_launches import Launch
 
 # Shared memory per block each card allows (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
-TL_NAME = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+TL_NAME = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "uint8": "u8"}
 
 
 @dataclass

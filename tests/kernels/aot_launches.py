@@ -26,6 +26,7 @@ import torch
 
 from sam2_fast.config import PRESETS
 from sam2_fast.kernels._common import Card
+from sam2_fast.kernels import connected_components as ccm
 from sam2_fast.kernels import mask_upsample as mu
 from sam2_fast.kernels import vspace_attention as vs
 from sam2_fast.kernels import window_attention as wa
@@ -169,9 +170,23 @@ def upsample_launches() -> List[Launch]:
     return out
 
 
+# ----------------------------------------------------------------------------- connected components
+def components_launches() -> List[Launch]:
+    """Hole filling's labelling: (N, 1, S/4, S/4) bool masks for S = 512, 1024 (the video
+    predictor's low-res masks, 1 and 8 objects) and 1024 x 1024 high-res masks; H and W are
+    not specialised, so every size is one variant."""
+    out: List[Launch] = []
+    for n, side in ((1, 256), (8, 256), (2, 128), (1, 1024)):
+        m = torch.empty(n, 1, side, side, device=META, dtype=torch.bool)
+        with recording(ccm, "_cc_kernel") as sink:
+            ccm.connected_components_triton(m, check=False)
+        out += _collect(sink, torch.uint8, CARDS, f"{n} mask(s) of {side}x{side}")
+    return out
+
+
 LAUNCHERS: Dict[str, Callable[[], List[Launch]]] = {
     "window": window_launches, "vspace": vspace_launches,
-    "upsample": upsample_launches,
+    "upsample": upsample_launches, "components": components_launches,
 }
 
 

@@ -181,6 +181,7 @@ def test_launches_cover_every_listed_config():
     listed (dtype, tile) is launched at some SAM 2 shape and every launch uses a listed tile
     (num_warps included; num_stages where the launch passes it)."""
     from sam2_fast.config import PRESETS
+    from sam2_fast.kernels import connected_components as ccm
     from sam2_fast.kernels import mask_upsample as mu
     from sam2_fast.kernels import vspace_attention as vs
     from sam2_fast.kernels import window_attention as wa
@@ -192,6 +193,7 @@ def test_launches_cover_every_listed_config():
         "vspace_attn_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "attn"],
         "vspace_merge_kernel": [(dt, c, cfg) for kind, dt, c, cfg, _ in vs.all_configs() if kind == "merge"],
         "upsample_threshold_kernel": list(mu.all_configs()),
+        "cc_kernel": [(torch.uint8, c, cfg) for c, cfg in ccm.all_configs()],
     }
     want = {(k, C.TL_NAME[str(dt).split(".")[-1]], tuple(sorted(c.items())), cfg.num_warps)
             for k, items in listed.items() for dt, c, cfg in items}

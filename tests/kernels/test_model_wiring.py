@@ -39,11 +39,12 @@ OBJ_BIAS = 1.0  # keeps both objects present with non-empty masks on every frame
 NUM_FRAMES = 5
 VIDEO_HW = (37, 51)  # odd frame size for the upsampling
 TINY_BLOCKS = 12  # Hiera-T: 1 + 2 + 7 + 2 blocks
-KERNELS = ("window_attention", "vspace_attention", "mask_upsample")
+KERNELS = ("window_attention", "vspace_attention", "mask_upsample", "connected_components")
 # which launch-counter names each environment switch turns off
 SWITCHED = {"window_attention": ("window_attention",),
             "memory_attention": ("vspace_attention",),
-            "mask_upsample": ("mask_upsample",)}
+            "mask_upsample": ("mask_upsample",),
+            "connected_components": ("connected_components",)}
 
 STEPS = [
     ("points", dict(frame_idx=0, obj_id=1, points=[[15, 18]], labels=[1])),
@@ -186,7 +187,8 @@ def test_mutation_dropping_pointer_tokens_fails(models, clip_dir, tracked, monke
 
 # ----------------------------------------------------------------------------- switches
 def _exercise_every_seam(models):
-    """One call through each model seam: image encoder, memory attention, video resize."""
+    """One call through each model seam: image encoder, memory attention, video resize,
+    hole filling."""
     _, ours = models
     g = torch.Generator().manual_seed(5)
     hw, n_mem, n_ptr, batch = 16, 2, 8, 2
@@ -198,6 +200,7 @@ def _exercise_every_seam(models):
         ours.image_encoder(_image())
         ours.memory_attention(curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens=n_ptr)
         O.resize_to_video(torch.randn(3, 1, 16, 16, generator=g), *VIDEO_HW)
+        O.fill_holes(torch.randn(2, 1, 16, 16, generator=g), 8)  # hole filling (2.1 configs)
 
 
 @pytest.mark.parametrize("kernel", sorted(K.ENV_SWITCHES))
@@ -267,14 +270,15 @@ def test_seams_trace_fullgraph_with_kernels(models):
     torch._dynamo.reset()
     with torch.no_grad(), V.single_thread():
         eager = (ours.image_encoder.trunk(_image())[-1], ours.memory_attention(*args, num_obj_ptr_tokens=n_ptr),
-                 O.resize_to_video(low_res, *VIDEO_HW))
+                 O.resize_to_video(low_res, *VIDEO_HW), O.fill_holes(low_res, 8))
         with K.force_kernels():
             trunk = torch.compile(ours.image_encoder.trunk, fullgraph=True, backend="eager")
             mem = torch.compile(lambda *a: ours.memory_attention(*a, num_obj_ptr_tokens=n_ptr),
                                 fullgraph=True, backend="eager")
             resize = torch.compile(lambda m: O.resize_to_video(m, *VIDEO_HW), fullgraph=True, backend="eager")
-            traced = (trunk(_image())[-1], mem(*args), resize(low_res))
+            fill = torch.compile(lambda m: O.fill_holes(m, 8), fullgraph=True, backend="eager")
+            traced = (trunk(_image())[-1], mem(*args), resize(low_res), fill(low_res))
     torch._dynamo.reset()
     assert set(K.launch_counts()) == set(KERNELS), K.launch_counts()
-    for name, a, b in zip(("trunk", "memory attention", "resize"), traced, eager):
+    for name, a, b in zip(("trunk", "memory attention", "resize", "hole filling"), traced, eager):
         assert rel_err(a, b) <= TOL, f"{name}: compiled with kernels vs eager PyTorch {rel_err(a, b):.2e}"
