@@ -264,6 +264,7 @@ def test_cuda_matches_cpu_torch_path(shape):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_no_host_sync_and_graph_capture(monkeypatch):
+    monkeypatch.setenv("SAM2_FAST_DISABLE_CONNECTED_COMPONENTS", "0")  # opt in (UNVERIFIED_ON_GPU)
     monkeypatch.setenv("SAM2_FAST_BACKEND_CONNECTED_COMPONENTS", "triton")
     mask = _cuda_masks().cuda()
     ref_l, ref_a = masks_mod.connected_components_torch(mask.cpu())
@@ -288,3 +289,18 @@ def test_cuda_no_host_sync_and_graph_capture(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out_l.cpu(), ref_l) and torch.equal(out_a.cpu(), ref_a)
+
+
+def test_unverified_kernel_is_opt_in_on_cuda(monkeypatch):
+    """Until a GPU run has passed it, CUDA calls keep the torch loop unless the switch is set
+    to 0; the other kernels' CUDA default is unchanged (policy only: no GPU needed)."""
+    from sam2_fast.kernels import dispatch as K
+    monkeypatch.delenv("SAM2_FAST_DISABLE_CONNECTED_COMPONENTS", raising=False)
+    monkeypatch.delenv(K.ENV_ALL, raising=False)
+    assert "connected_components" in K.UNVERIFIED_ON_GPU
+    assert not K.kernel_enabled("connected_components", "cuda")
+    assert K.kernel_enabled("mask_upsample", "cuda")
+    monkeypatch.setenv("SAM2_FAST_DISABLE_CONNECTED_COMPONENTS", "0")
+    assert K.kernel_enabled("connected_components", "cuda")
+    monkeypatch.setenv("SAM2_FAST_DISABLE_CONNECTED_COMPONENTS", "1")
+    assert not K.kernel_enabled("connected_components", "cuda")
