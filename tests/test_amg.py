@@ -181,7 +181,7 @@ def test_real_frame_from_bikes():
 @pytest.mark.parametrize("bug", ["stability_offset", "uncrop_points", "rle_runs"])
 def test_mutation_is_caught(synthetic, monkeypatch, bug):
     A = amg_mod.A
-    if bug == "stability_offset":  # the offset ignored: scores computed at threshold +- 0
+    if bug == "stability_offset":  # the offset halved: scores computed at threshold +- offset / 2
         real = A.calculate_stability_score
         monkeypatch.setattr(A, "calculate_stability_score", lambda m, t, off: real(m, t, 0.5 * off))
         name = "filters"

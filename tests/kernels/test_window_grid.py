@@ -38,23 +38,27 @@ def _grids(monkeypatch, preset: str, batch: int, image_size: int = 1024):
     return grids
 
 
+def check_grids_fit(grids) -> None:
+    """Every launch grid within CUDA's limits, on a batch large enough to have overflowed
+    axis 1 with the old order (the product's own guard raises first; this check is what a
+    launcher without the guard, such as the old one, runs into)."""
+    assert grids, "no block reached the window kernel"
+    over = [g for g in grids if any(n > m for n, m in zip(g, wa.MAX_GRID))]
+    assert not over, f"{len(over)} of {len(grids)} launch grids exceed the CUDA limits {wa.MAX_GRID[:2]}: {over[:3]}"
+    assert max(g[0] for g in grids) > 65535  # the case that failed on axis 1 before
+
+
 @pytest.mark.parametrize("preset,batch", [("sam2.1_hiera_tiny", 32), ("sam2.1_hiera_large", 16)])
 def test_large_image_batches_fit_the_grid(monkeypatch, preset, batch):
-    grids = _grids(monkeypatch, preset, batch)
-    assert grids, "no block reached the window kernel"
-    assert max(g[0] for g in grids) > 65535  # the case that failed on axis 1 before
-    assert all(g[1] <= 65535 for g in grids)
+    check_grids_fit(_grids(monkeypatch, preset, batch))
 
 
 def test_mutation_old_axis_order_fails(monkeypatch):
-    """Plant the old grid (windows on axis 1) in the product: the tiny batch of 32 fails."""
-    monkeypatch.setattr(wa, "launch_grid", lambda b, n_win, heads, n_q, cfg: _old(b, n_win, heads, n_q, cfg))
-    with pytest.raises(ValueError, match="exceeds the CUDA limits"):
-        _grids(monkeypatch, "sam2.1_hiera_tiny", 32)
+    """Plant the old launcher in the product: (query blocks, batch x windows x heads), built
+    inline with no guard (CUDA refused the launch). The tiny batch of 32 fails the check."""
+    def old_grid(b, n_win, heads, n_q, cfg):
+        return (-(-n_q // cfg.block_m), b * n_win * heads)
 
-
-def _old(b, n_win, heads, n_q, cfg):
-    grid = (-(-n_q // cfg.block_m), b * n_win * heads)
-    if any(g > m for g, m in zip(grid, wa.MAX_GRID)):
-        raise ValueError(f"window_attention: launch grid {grid} exceeds the CUDA limits")
-    return grid
+    monkeypatch.setattr(wa, "launch_grid", old_grid)
+    with pytest.raises(AssertionError, match="exceed the CUDA limits"):
+        check_grids_fit(_grids(monkeypatch, "sam2.1_hiera_tiny", 32))
