@@ -98,8 +98,13 @@ quick)
         2>&1 | tee "$WORK/kernel_candidates.txt"
     echo "== kernels done after $(elapsed)s"
     # 2. the kernels' CUDA tests
-    timeout -k 5 110 "$PY" -m pytest tests/kernels -m cuda -q -rA -p no:cacheprovider -x \
+    #    (the connected-components kernel's first GPU run goes last, on its own: a failure or a
+    #    hang there must not stop the other kernels' tests under -x)
+    timeout -k 5 100 "$PY" -m pytest tests/kernels -m cuda -q -rA -p no:cacheprovider -x \
+        --deselect tests/kernels/test_connected_components.py \
         --junitxml="$WORK/junit_kernels_cuda.xml" 2>&1 | tail -40 | tee "$WORK/pytest_kernels_cuda.txt"
+    timeout -k 5 45 "$PY" -m pytest tests/kernels/test_connected_components.py -m cuda -q -rA -p no:cacheprovider \
+        2>&1 | tail -12 | tee -a "$WORK/pytest_kernels_cuda.txt"
     echo "== kernel tests done after $(elapsed)s"
     # 2b. the frame feed's first GPU run (pinned ring, async upload; opt-in until this passes),
     #     and hole filling's device plan (checks every 3 rounds on CUDA: CPU vs CUDA labels)

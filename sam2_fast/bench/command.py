@@ -76,8 +76,7 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--dtype", default="all", choices=("all", "fp32", "bf16"),
                    help="only rows of this precision (the fp32 reference always runs: it is the accuracy baseline)")
     p.add_argument("--ladder", default="auto", help="our rows: auto, all, none, or keys (eager-fp32,bf16,compile,"
-                   "k-window_attention,k-memory_attention,k-mask_upsample,k-connected_components,"
-                   "static-batched,cuda-graphs)")
+                   "k-window_attention,k-memory_attention,k-mask_upsample,static-batched,cuda-graphs)")
     p.add_argument("--reference", default="auto", help="reference rows: auto, all, none, or keys "
                    "(ref-eager-fp32,ref-bf16,ref-vos)")
     p.add_argument("--ours", default="sam2_fast", choices=("sam2_fast", "reference"),
