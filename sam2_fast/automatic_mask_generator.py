@@ -30,7 +30,28 @@ import torch
 from .image_prompts import Prompts
 from .sam2_image_predictor import SAM2ImagePredictor
 from .utils import amg as A
-from .utils.transforms import image_to_uint8_chw
+from .utils.transforms import image_to_rgb_hwc
+
+# names the official module re-exports, for code that imports them from here
+from .modeling.sam2_base import SAM2Base  # noqa: E402,F401
+from .utils.amg import (  # noqa: E402,F401
+    MaskData,
+    area_from_rle,
+    batch_iterator,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    coco_encode_rle,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    remove_small_regions,
+    rle_to_mask,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # keyword arguments of from_pretrained that build the model rather than the generator
@@ -141,12 +162,14 @@ class SAM2AutomaticMaskGenerator:
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def generate(self, image) -> List[Dict[str, Any]]:
-        """Masks for an HWC uint8 RGB image (numpy; PIL, grayscale and RGBA are converted).
+        """Masks for an HWC RGB image: uint8 (0..255) or float (0.0..1.0) numpy, as the official
+        generator takes (it embeds each crop with ``set_image``); PIL, grayscale and RGBA are
+        converted.
 
         Records: segmentation (HW bool array, or an RLE dict per ``output_mode``), area,
         bbox (XYWH), predicted_iou, point_coords ([[x, y]]), stability_score, crop_box (XYWH).
         """
-        image = image_to_uint8_chw(image).permute(1, 2, 0).cpu().numpy()  # checks; (H, W, 3)
+        image = image_to_rgb_hwc(image).cpu().numpy()  # checks; (H, W, 3) uint8 or float32
         data = self._generate_masks(image)
         rles = data["rles"]
         if self.output_mode == "coco_rle":

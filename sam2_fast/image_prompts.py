@@ -108,16 +108,20 @@ def check_box_corners(corners: np.ndarray) -> None:
                           "(corners swapped? boxes are [x_min, y_min, x_max, y_max])")
 
 
-def check_points(point_coords, point_labels) -> Tuple[np.ndarray, np.ndarray]:
+def check_points(point_coords, point_labels, allow_empty: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(B, N, 2) coords and (B, N) int32 labels as arrays, after shape and label checks.
 
     Coordinates may lie outside the image, as with the official predictor (a click just
     past the border, a detector box ending at W + 0.5): the prompt encoder takes any value.
+    ``allow_empty``: zero points (shape (0, 2) / (1, 0, 2)) pass, for a caller that has
+    another prompt (a box); ``np.array([])`` counts as zero points too.
     """
     if point_labels is None:
         raise PromptError("point_labels must be given with point_coords (1 = foreground, 0 = background)")
     coords = as_finite_array(point_coords, "point_coords")
     labels = check_labels(point_labels)
+    if allow_empty and coords.size == 0 and labels.size == 0:
+        return np.zeros((1, 0, 2)), np.zeros((1, 0), np.int32)
     if coords.ndim == 2:
         coords = coords[None]
     if labels.ndim == 1:

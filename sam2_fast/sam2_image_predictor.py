@@ -28,6 +28,8 @@ import torch
 
 from .image_prompts import Prompts, PromptError, check_box, check_mask, check_points
 from .utils import transforms as T
+from .modeling.sam2_base import SAM2Base  # noqa: F401  (importable from here, as in sam2)
+from .utils.transforms import SAM2Transforms  # noqa: F401  (importable from here, as in sam2)
 
 
 class ImageFeatures(TypedDict):
@@ -139,11 +141,16 @@ class SAM2ImagePredictor:
         dev = self.device
         coords = labels = boxes = mask = None
         if point_coords is not None:
-            c, lab = check_points(point_coords, point_labels)
-            coords = self._transforms.transform_coords(
-                torch.as_tensor(c, dtype=torch.float32, device=dev), normalize=normalize_coords, orig_hw=orig_hw)
-            labels = torch.as_tensor(lab, dtype=torch.int32, device=dev)
-        elif point_labels is not None:
+            # no clicks yet beside a box (an interactive demo's empty click list) is the box
+            # alone, as in the official predictor; empty points with nothing else stay an error
+            c, lab = check_points(point_coords, point_labels, allow_empty=box is not None)
+            if c.shape[1] > 0:
+                coords = self._transforms.transform_coords(
+                    torch.as_tensor(c, dtype=torch.float32, device=dev), normalize=normalize_coords, orig_hw=orig_hw)
+                labels = torch.as_tensor(lab, dtype=torch.int32, device=dev)
+        elif point_labels is not None and np.size(point_labels) > 0:
+            # the official predictor ignores labels without points: a click that silently did
+            # nothing; an empty label list carries nothing and passes
             raise PromptError("point_labels were given without point_coords")
         if box is not None:
             b = check_box(box)

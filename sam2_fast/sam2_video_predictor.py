@@ -23,7 +23,12 @@ import torch
 from torch import Tensor
 
 from sam2_fast.config import SAM2Config
-from sam2_fast.modeling.sam2_base import SAM2Base
+from sam2_fast.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base  # noqa: F401  (NO_OBJ_SCORE: as in sam2)
+from sam2_fast.utils.misc import (  # noqa: F401  (importable from here, as in sam2)
+    concat_points,
+    fill_holes_in_mask_scores,
+    load_video_frames,
+)
 from sam2_fast.video import outputs as O
 from sam2_fast.video import prompts as P
 from sam2_fast.video import propagate as T

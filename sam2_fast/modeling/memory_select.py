@@ -25,32 +25,34 @@ FrameOutputs = Mapping[int, dict]
 
 
 def select_closest_cond_frames(
-    frame_idx: int, cond_outputs: FrameOutputs, max_cond_frames: int
+    frame_idx: int, cond_frame_outputs: FrameOutputs, max_cond_frame_num: int
 ) -> Tuple[FrameOutputs, Dict[int, dict]]:
     """Split conditioning outputs into (attended, left out) for the frame ``frame_idx``.
 
-    With ``max_cond_frames == -1`` (or few enough conditioning frames) every one is attended.
+    With ``max_cond_frame_num == -1`` (or few enough conditioning frames) every one is attended.
     Otherwise we keep the nearest one strictly before the frame, the nearest one at or after
     it, and then the remaining ones by temporal distance until the budget is spent.
+    Parameter names are the official ones (``sam2.modeling.sam2_utils``): callers pass them
+    by keyword too.
     """
-    if max_cond_frames == -1 or len(cond_outputs) <= max_cond_frames:
-        return cond_outputs, {}  # common case: no copy of the dict
-    if max_cond_frames < 2:
+    if max_cond_frame_num == -1 or len(cond_frame_outputs) <= max_cond_frame_num:
+        return cond_frame_outputs, {}  # common case: no copy of the dict
+    if max_cond_frame_num < 2:
         raise ValueError(
-            f"max_cond_frames_in_attn must be -1 or >= 2 (one frame on each side), got {max_cond_frames}"
+            f"max_cond_frames_in_attn must be -1 or >= 2 (one frame on each side), got {max_cond_frame_num}"
         )
-    earlier = [t for t in cond_outputs if t < frame_idx]
-    later = [t for t in cond_outputs if t >= frame_idx]
+    earlier = [t for t in cond_frame_outputs if t < frame_idx]
+    later = [t for t in cond_frame_outputs if t >= frame_idx]
     keep: List[int] = []
     if earlier:
         keep.append(max(earlier))
     if later:
         keep.append(min(later))
     # stable sort: ties keep the dict's insertion order
-    by_distance = sorted((t for t in cond_outputs if t not in keep), key=lambda t: abs(t - frame_idx))
-    keep.extend(by_distance[: max_cond_frames - len(keep)])
-    chosen = {t: cond_outputs[t] for t in keep}
-    rest = {t: out for t, out in cond_outputs.items() if t not in chosen}
+    by_distance = sorted((t for t in cond_frame_outputs if t not in keep), key=lambda t: abs(t - frame_idx))
+    keep.extend(by_distance[: max_cond_frame_num - len(keep)])
+    chosen = {t: cond_frame_outputs[t] for t in keep}
+    rest = {t: out for t, out in cond_frame_outputs.items() if t not in chosen}
     return chosen, rest
 
 

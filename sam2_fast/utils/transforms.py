@@ -33,6 +33,7 @@ __all__ = [
     "ImageTransforms",
     "SAM2Transforms",
     "image_hw",
+    "image_to_rgb_hwc",
     "image_to_uint8_chw",
     "image_to_unit_chw",
     "image_to_tensor",
@@ -133,6 +134,17 @@ def image_to_uint8_chw(image: Any) -> torch.Tensor:
     return _to_rgb_chw(t)
 
 
+def image_to_rgb_hwc(image: Any) -> torch.Tensor:
+    """Any accepted image -> (H, W, 3) RGB tensor for code that crops before embedding (the
+    mask generator): uint8 stays uint8; float is checked to lie in [0, 1] and cast to float32,
+    so each crop embeds exactly as ``set_image`` would embed it."""
+    t = _to_rgb_chw(_hwc_tensor(image))
+    if t.dtype != torch.uint8:
+        _check_unit_range(t)
+        t = t.to(torch.float32)
+    return t.permute(1, 2, 0)
+
+
 def image_to_unit_chw(image: Any, device: torch.device | str | None = None) -> torch.Tensor:
     """Any accepted image -> (3, H, W) float32 in [0, 1] (on ``device``, else where it is).
 
@@ -221,15 +233,16 @@ class ImageTransforms:
         self.std = tuple(std)
         self.device = device  # where image preprocessing runs (None: where the pixels are)
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    # argument names are the official ones (``x``, ``img_list``), for keyword callers
+    def __call__(self, x: Any) -> torch.Tensor:
         """(3, S, S) float32 model input."""
-        return image_to_tensor(image, self.resolution, self.mean, self.std, self.device)
+        return image_to_tensor(x, self.resolution, self.mean, self.std, self.device)
 
-    def forward_batch(self, images: Sequence[Any]) -> torch.Tensor:
+    def forward_batch(self, img_list: Sequence[Any]) -> torch.Tensor:
         """(B, 3, S, S) from images of any sizes."""
-        if len(images) == 0:
+        if len(img_list) == 0:
             raise ValueError("forward_batch needs at least one image")
-        return torch.stack([self(img) for img in images], dim=0)
+        return torch.stack([self(img) for img in img_list], dim=0)
 
     def transform_coords(self, coords: torch.Tensor, normalize: bool = False,
                          orig_hw: Sequence[int] | None = None) -> torch.Tensor:
