@@ -209,8 +209,10 @@ def test_bad_arguments_are_named(synthetic):
     with pytest.raises(ValueError, match="points_per_batch must be positive"):
         SAM2AutomaticMaskGenerator(model, points_per_batch=0)
     gen = SAM2AutomaticMaskGenerator(model, points_per_side=2)
-    with pytest.raises(ValueError, match="dtype float32"):
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\]"):  # [0, 1] floats work
         gen.generate(image.astype(np.float32))
+    with pytest.raises(ValueError, match="dtype int16"):
+        gen.generate(image.astype(np.int16))
     with pytest.raises(ValueError, match="channels"):
         gen.generate(np.zeros((20, 20, 5), np.uint8))
     assert isinstance(gen.generate(image[..., 0]), list)  # grayscale works, and the generator stays usable
