@@ -191,16 +191,25 @@ _ALIASES = _aliases()
 
 
 def resolve_config(name: "str | SAM2Config") -> SAM2Config:
-    """The preset a user-supplied config name refers to (YAML path, file name or short name)."""
+    """The preset a user-supplied config name refers to (YAML path, file name or short name),
+    or the config of a user's own YAML file (see ``sam2_fast.config_yaml``)."""
     if isinstance(name, SAM2Config):
         return name
     if not isinstance(name, (str, os.PathLike)):
         raise ConfigError(f"config must be a name or a SAM2Config, got {type(name).__name__}")
     text = os.fspath(name).strip()
-    candidates = [text, text.lstrip("/"), os.path.basename(text)]
-    for cand in candidates:
-        if cand in _ALIASES:
+    for cand in (text, text.lstrip("/")):
+        if cand in _ALIASES:  # official names win, as Hydra finds them inside the package
             return PRESETS[_ALIASES[cand]]
+    if text.lower().endswith((".yaml", ".yml")) and os.path.isfile(text):
+        from .config_yaml import config_from_yaml  # a user's own YAML (PyYAML imported there)
+
+        return config_from_yaml(text)
+    if os.path.basename(text) in _ALIASES:
+        return PRESETS[_ALIASES[os.path.basename(text)]]
+    if text.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(f"config file {text!r} does not exist, and it is not an official SAM 2 config "
+                          f"name (known: {', '.join(sorted(PRESETS))})")
     known = ", ".join(sorted(PRESETS))
     raise ConfigError(
         f"unknown SAM 2 config {text!r}; known configs: {known} "
