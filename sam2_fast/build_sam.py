@@ -3,7 +3,7 @@
     from sam2_fast.build_sam import build_sam2, build_sam2_video_predictor
 
 Configs are our frozen presets (see ``sam2_fast.config``); the official YAML names select
-them. ``hydra_overrides_extra`` keeps its meaning: ``++model.KEY=VALUE`` strings are applied
+them, and a path to a user's own YAML file is read by ``sam2_fast.config_yaml``. ``hydra_overrides_extra`` keeps its meaning: ``++model.KEY=VALUE`` strings are applied
 to the config, and unknown keys are rejected by name.
 """
 
@@ -57,7 +57,7 @@ def _resolve_device(device) -> torch.device:
 
 def make_config(config_file, hydra_overrides_extra: Iterable[str] = (),
                 postprocessing: Sequence[str] = (), image_size: Optional[int] = None) -> SAM2Config:
-    """Our config for an official config name plus overrides (post-processing ones first)."""
+    """Our config for a config name or YAML file plus overrides (post-processing ones first)."""
     cfg = resolve_config(config_file)
     if isinstance(hydra_overrides_extra, str):
         hydra_overrides_extra = [hydra_overrides_extra]
