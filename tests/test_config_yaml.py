@@ -259,3 +259,50 @@ def test_custom_yaml_model_matches_the_reference_built_from_it(tmp_path):
     masks, _, _ = _compare_predict(ref_p, our_p, point_coords=np.array([[40, 30]]), point_labels=np.array([1]))
     assert (masks > 0).any() and (masks < 0).any()
     _compare_predict(ref_p, our_p, box=np.array([5, 8, 80, 70]), multimask_output=False)
+
+
+def test_custom_yaml_video_matches_the_reference_built_from_it(tmp_path):
+    """Video tracking from a file that changes the memory side: d_model 128 and mem_dim 32
+    everywhere they occur (pointers split into 4 tokens), 2 memory-attention layers with a
+    1024 FFN, 5 memories at temporal stride 2, at most 4 pointers. fp32 memory banks as in
+    test_video_predictor's network-parity test (1e-4 there; measured here 7.3e-7). Built with a
+    stride of 1, or with 16 or 3 pointers, ours fails this comparison (checked by hand)."""
+    import video_utils as V
+    from sam2.build_sam import build_sam2_video_predictor as ref_build
+
+    from sam2_fast.build_sam import build_sam2_video_predictor
+
+    doc = _load("sam2.1/sam2.1_hiera_t.yaml")
+    m = doc["model"]
+    m.update(image_size=128, num_maskmem=5, memory_temporal_stride_for_eval=2, max_obj_ptrs_in_encoder=4)
+    d, md = 128, 32
+    for key, value in [("image_encoder.neck.d_model", d), ("image_encoder.neck.position_encoding.num_pos_feats", d),
+                       ("memory_attention.d_model", d), ("memory_attention.num_layers", 2),
+                       ("memory_attention.layer.d_model", d), ("memory_attention.layer.dim_feedforward", 1024),
+                       ("memory_attention.layer.self_attention.embedding_dim", d),
+                       ("memory_attention.layer.cross_attention.embedding_dim", d),
+                       ("memory_attention.layer.cross_attention.kv_in_dim", md), ("memory_encoder.out_dim", md),
+                       ("memory_encoder.position_encoding.num_pos_feats", md), ("memory_encoder.in_dim", d),
+                       ("memory_encoder.mask_downsampler.embed_dim", d), ("memory_encoder.fuser.layer.dim", d)]:
+        _edit(doc, key, value)
+    path = _write(tmp_path, doc)
+    torch.manual_seed(0)
+    ref = ref_build("//" + os.path.abspath(path), None, device="cpu", apply_postprocessing=False)
+    sensitize_(ref, 0, obj_score_bias=1.5)  # the object stays present (asserted)
+    V._float32_memory(ref.memory_attention)
+    ckpt = tmp_path / "finetuned.pt"
+    save_checkpoint(ref, ckpt)
+    ours = build_sam2_video_predictor(path, str(ckpt), device="cpu", apply_postprocessing=False)
+    assert (ours.hidden_dim, ours.mem_dim, ours.num_maskmem) == (ref.hidden_dim, ref.mem_dim, ref.num_maskmem)
+    clip = str(tmp_path / "clip")
+    V.write_jpeg_folder(V.make_clip(8, 75, 101, seed=0), clip)
+    steps = [("points", dict(frame_idx=0, obj_id=1, points=[[30, 35]], labels=[1])), ("propagate", {})]
+    with V.single_thread():
+        undo = V.float32_memory_bank(ref.eval(), ours)
+        try:
+            got, expect = V.run_script(ours, clip, steps), V.run_script(ref, clip, steps)
+        finally:
+            undo()
+    present, absent = V.presence(expect)
+    assert present == 8 and absent == 0, (present, absent)  # absent frames would hide memory bugs
+    print(f"worst rel err {V.compare_records(got, expect, 1e-4):.2e}")
