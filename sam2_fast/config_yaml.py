@@ -209,6 +209,8 @@ def _yaml_loader():
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
+                if not isinstance(key_node.value, str):
+                    continue  # a non-scalar key: PyYAML reports it itself
                 if key_node.value in seen:  # OmegaConf refuses these too; PyYAML keeps the last
                     raise ConfigError(f"duplicate key {key_node.value!r} ({key_node.start_mark})")
                 seen.add(key_node.value)
