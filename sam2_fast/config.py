@@ -297,9 +297,34 @@ def apply_overrides(cfg: SAM2Config, overrides: Iterable[str]) -> SAM2Config:
         elif key in model_fields and key not in ("name", "trunk", "sam_mask_decoder_extra_args"):
             cfg = replace(cfg, **{key: _coerce(getattr(cfg, key), value, key)})
         else:
-            known = sorted(k for k in model_fields if k not in ("name", "trunk"))
-            raise ConfigError(f"unknown override key model.{key}; known keys: {', '.join(known)}")
+            cfg = _apply_nested(cfg, key, value, model_fields)
     return cfg
+
+
+def _apply_nested(cfg: SAM2Config, key: str, value: Any, model_fields: dict) -> SAM2Config:
+    """A nested key of the official YAML (``memory_attention.layer.dim_feedforward``), read
+    through the custom-config table: a setting sets its field, a fixed or derived value must
+    equal what we build (then it changes nothing), anything else is an error naming the key."""
+    from sam2_fast import config_yaml  # lazy: config_yaml imports this module
+
+    leaf = config_yaml.LEAVES.get(key)
+    if leaf is None:
+        known = sorted(k for k in model_fields if k not in ("name", "trunk"))
+        raise ConfigError(f"unknown override key model.{key}; known keys: {', '.join(known)} "
+                          "and the nested keys of the official YAML files")
+    if leaf.field is None:
+        ok = leaf.supported(cfg)
+        if not any(config_yaml._same(value, v) for v in ok):
+            shown = " or ".join(repr(v) for v in ok)
+            raise ConfigError(f"override model.{key}={value!r} is not supported: sam2_fast builds this "
+                              f"part with {shown} only (for this config)")
+        return cfg
+    if leaf.field.startswith("trunk."):
+        sub = leaf.field[len("trunk."):]
+        return replace(cfg, trunk=replace(cfg.trunk, **{sub: _coerce(getattr(cfg.trunk, sub), value, key)}))
+    if leaf.field in model_fields and leaf.field not in ("name", "trunk", "sam_mask_decoder_extra_args"):
+        return replace(cfg, **{leaf.field: _coerce(getattr(cfg, leaf.field), value, key)})
+    raise ConfigError(f"override model.{key} cannot be applied on its own; edit it in a YAML file")
 
 
 POSTPROCESSING_OVERRIDES: Tuple[str, ...] = (

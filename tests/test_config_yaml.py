@@ -199,6 +199,22 @@ def test_unsupported_values_name_the_key(tmp_path, key, value, match):
         build_sam2(_write(tmp_path, doc), device="cpu")
 
 
+def test_nested_override_keys_go_through_the_same_table():
+    """``++model.<nested official key>=v`` in hydra_overrides_extra: a setting sets its field,
+    a fixed value equal to ours changes nothing, another value or an unknown key is named."""
+    from sam2_fast.config import apply_overrides
+    tiny = PRESETS["sam2.1_hiera_tiny"]
+    got = apply_overrides(tiny, ["++model.memory_attention.layer.dim_feedforward=1024",
+                                 "++model.image_encoder.trunk.window_spec=[8,4,7,7]"])
+    assert got == dataclasses.replace(tiny, mem_attn_ffn_dim=1024,
+                                      trunk=dataclasses.replace(tiny.trunk, window_spec=(8, 4, 7, 7)))
+    assert apply_overrides(tiny, ["++model.memory_attention.layer.dropout=0.1"]) == tiny
+    with pytest.raises(ConfigError, match=r"self_attention\.num_heads=2 is not supported.*1 only"):
+        apply_overrides(tiny, ["++model.memory_attention.layer.self_attention.num_heads=2"])
+    with pytest.raises(ConfigError, match=r"unknown override key model\.memory_attention\.layer\.ffn"):
+        apply_overrides(tiny, ["++model.memory_attention.layer.ffn=1024"])
+
+
 def test_missing_keys_and_wrong_files(tmp_path):
     doc = _load("sam2.1/sam2.1_hiera_t.yaml")
     del doc["model"]["memory_attention"]["layer"]["cross_attention"]["rope_k_repeat"]
