@@ -136,7 +136,7 @@ class SAM2ImagePredictor:
         return self._ready_state("set_image")[0]["image_embed"]
 
     # ------------------------------------------------------------------ prompts
-    def _prep_prompts(self, point_coords, point_labels, box, mask_logits, normalize_coords,
+    def _user_prompts(self, point_coords, point_labels, box, mask_logits, normalize_coords,
                       orig_hw: Tuple[int, int]) -> Prompts:
         dev = self.device
         coords = labels = boxes = mask = None
@@ -162,9 +162,9 @@ class SAM2ImagePredictor:
         return Prompts(coords=coords, labels=labels, boxes=boxes, mask=mask)
 
     @torch.no_grad()
-    def _predict(self, prompts: Prompts, multimask_output: bool, return_logits: bool,
-                 feats: ImageFeatures, orig_hw: Tuple[int, int], img_idx: int = -1
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _predict_prompts(self, prompts: Prompts, multimask_output: bool, return_logits: bool,
+                         feats: ImageFeatures, orig_hw: Tuple[int, int], img_idx: int = -1
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         low_res, iou = self._decode_low_res(prompts, multimask_output, feats, img_idx)
         masks = self._transforms.postprocess_masks(low_res, orig_hw)
         # logits are clamped for reuse as mask_input, as the official predictor does
@@ -172,6 +172,41 @@ class SAM2ImagePredictor:
         if not return_logits:
             masks = masks > self.mask_threshold
         return masks, iou, low_res
+
+    # The official predictor's tensor-level pair, which downstream code calls directly (SAM 2
+    # has no public ``predict_torch``): prompts already as tensors, batched over prompt sets.
+    def _prep_prompts(self, point_coords, point_labels, box, mask_logits, normalize_coords, img_idx=-1):
+        """Official signature: ``(mask_input, unnorm_coords, labels, unnorm_box)`` tensors on the
+        model's device, coords (B, N, 2) and boxes (B, 2, 2) in model-input pixels."""
+        _, hw = self._image(img_idx)
+        p = self._user_prompts(point_coords, point_labels, box, mask_logits, normalize_coords, hw)
+        return p.mask, p.coords, p.labels, p.boxes
+
+    def _image(self, img_idx: int) -> Tuple[ImageFeatures, Tuple[int, int]]:
+        feats, orig_hw = self._ready_state("set_image")
+        if not -len(orig_hw) <= img_idx < len(orig_hw):
+            raise PromptError(f"img_idx {img_idx} is out of range: {len(orig_hw)} image(s) are set")
+        return feats, orig_hw[img_idx]
+
+    @torch.no_grad()
+    def _predict(self, point_coords: Optional[torch.Tensor], point_labels: Optional[torch.Tensor],
+                 boxes: Optional[torch.Tensor] = None, mask_input: Optional[torch.Tensor] = None,
+                 multimask_output: bool = True, return_logits: bool = False, img_idx: int = -1,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Official signature: prompts as tensors from :meth:`_prep_prompts` (or transformed by
+        ``_transforms``); returns masks (B, C, H, W), IoU (B, C), low-res logits (B, C, h, w)."""
+        feats, hw = self._image(img_idx)
+        if (point_coords is None) != (point_labels is None):
+            raise PromptError("point_coords and point_labels must be given together")
+        if point_coords is not None and (point_coords.dim() != 3 or point_coords.shape[-1] != 2
+                                         or tuple(point_labels.shape) != tuple(point_coords.shape[:2])):
+            raise PromptError(f"point_coords must be (B, N, 2) with point_labels (B, N), got "
+                              f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}")
+        if boxes is not None and boxes.numel() % 4 != 0:
+            raise PromptError(f"boxes must be (B, 4) or (B, 2, 2), got {tuple(boxes.shape)}")
+        prompts = Prompts(coords=point_coords, labels=point_labels,
+                          boxes=None if boxes is None else boxes.reshape(-1, 2, 2), mask=mask_input)
+        return self._predict_prompts(prompts, multimask_output, return_logits, feats, hw, img_idx)
 
     @torch.no_grad()
     def _decode_low_res(self, prompts: Prompts, multimask_output: bool, feats: ImageFeatures,
@@ -209,8 +244,8 @@ class SAM2ImagePredictor:
         feats, orig_hw = self._ready_state("set_image")
         if self._is_batch and len(orig_hw) > 1:
             raise RuntimeError("several images are set with set_image_batch: use predict_batch")
-        prompts = self._prep_prompts(point_coords, point_labels, box, mask_input, normalize_coords, orig_hw[-1])
-        return self._to_numpy(*self._predict(prompts, multimask_output, return_logits, feats, orig_hw[-1]))
+        prompts = self._user_prompts(point_coords, point_labels, box, mask_input, normalize_coords, orig_hw[-1])
+        return self._to_numpy(*self._predict_prompts(prompts, multimask_output, return_logits, feats, orig_hw[-1]))
 
     def predict_batch(self, point_coords_batch=None, point_labels_batch=None, box_batch=None,
                       mask_input_batch=None, multimask_output: bool = True, return_logits: bool = False,
@@ -228,8 +263,8 @@ class SAM2ImagePredictor:
             per_image.append(seq if seq is not None else [None] * n)
         outs: Tuple[list, list, list] = ([], [], [])
         for i, (pc, pl, bx, mi) in enumerate(zip(*per_image)):
-            prompts = self._prep_prompts(pc, pl, bx, mi, normalize_coords, orig_hw[i])
-            result = self._predict(prompts, multimask_output, return_logits, feats, orig_hw[i], img_idx=i)
+            prompts = self._user_prompts(pc, pl, bx, mi, normalize_coords, orig_hw[i])
+            result = self._predict_prompts(prompts, multimask_output, return_logits, feats, orig_hw[i], img_idx=i)
             for acc, arr in zip(outs, self._to_numpy(*result)):
                 acc.append(arr)
         return outs
