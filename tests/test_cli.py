@@ -292,3 +292,33 @@ def test_generator_from_pretrained_finds_the_local_checkpoint(ckpt, monkeypatch)
                                                      points_per_side=2, pred_iou_thresh=0.0)
     assert gen.predictor.model.image_size == SIZE and len(gen.point_grids[0]) == 4 and gen.pred_iou_thresh == 0.0
     assert isinstance(gen.generate(clip(1, 40, 50)[0]), list)
+
+
+def test_own_yaml_config_as_model(ckpt, tmp_path, capsys):
+    """--model my.yaml (a changed copy of an official config) with its --checkpoint: the same
+    masks as the preset where the change does not touch images; clear lines without one."""
+    import sam2
+
+    official = os.path.join(os.path.dirname(sam2.__file__), "configs", "sam2.1", "sam2.1_hiera_t.yaml")
+    text = open(official).read()
+    assert "memory_temporal_stride_for_eval" not in text
+    custom = tmp_path / "my tiny.yaml"
+    custom.write_text(text.replace("  num_maskmem: 7", "  num_maskmem: 7\n  memory_temporal_stride_for_eval: 2"))
+    img = clip(1, 90, 120)[0]
+    Image.fromarray(img).save(tmp_path / "img.png")
+    common = ["--point", "50,40", "--image-size", SIZE, "--device", "cpu", "--checkpoint", ckpt]
+    res = run_cli(capsys, "segment", tmp_path / "img.png", "--model", "tiny", *common, "--out", tmp_path / "a.png")
+    assert res.code == 0, res.err
+    res = run_cli(capsys, "segment", tmp_path / "img.png", "--model", custom, *common, "--out", tmp_path / "b.png")
+    assert res.code == 0, res.err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    from sam2_fast.commands.models import resolve_model
+    from sam2_fast.config import resolve_config
+    assert resolve_config(resolve_model(str(custom)).config).memory_temporal_stride_for_eval == 2
+    res = run_cli(capsys, "segment", tmp_path / "img.png", "--model", custom, "--point", "50,40",
+                  "--out", tmp_path / "c.png")
+    assert_clean_error(res, "your own config", "--checkpoint")
+    res = run_cli(capsys, "segment", tmp_path / "img.png", "--model", tmp_path / "nope.yaml", *common,
+                  "--out", tmp_path / "c.png")
+    assert_clean_error(res, "config file not found")
+    assert_clean_error(run_cli(capsys, "download", custom), "no published checkpoint")

@@ -134,6 +134,8 @@ def verify(path: str, info: ModelInfo) -> None:
 
 def run(args: argparse.Namespace, log=print) -> int:
     info = resolve_model(args.model)
+    if info.custom:
+        raise CliError(f"{args.model} is your own config: there is no published checkpoint to download")
     folder = O.prepare_out_dir(args.dir or cache_dir())
     dest = os.path.join(folder, info.filename)
     if os.path.isfile(dest) and not args.force:

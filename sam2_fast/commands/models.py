@@ -31,6 +31,11 @@ class ModelInfo:
     def filename(self) -> str:
         return f"{self.name}.pt"
 
+    @property
+    def custom(self) -> bool:
+        """A user's own YAML config (name = config = its absolute path): no published checkpoint."""
+        return not self.release
+
     def url(self, base: Optional[str] = None) -> str:
         return f"{(base or default_base_url()).rstrip('/')}/{self.release}/{self.filename}"
 
@@ -65,9 +70,16 @@ def resolve_model(name: str) -> ModelInfo:
     key = str(name).strip().lower()
     if key in _ALIASES:
         return MODELS[_ALIASES[key]]
+    path = os.path.expanduser(str(name).strip())
+    if key.endswith((".yaml", ".yml")):  # your own config (sam2_fast.config_yaml reads and checks it)
+        if not os.path.isfile(path):
+            raise CliError(f"config file not found: {name}")
+        full = os.path.abspath(path)  # absolute: track-many's workers resolve it again
+        return ModelInfo(full, full, "", "")
     raise CliError(f"unknown model {name!r}; use one of: tiny, small, base_plus, large (SAM 2.1), "
                    f"sam2-tiny, sam2-small, sam2-base_plus, sam2-large (SAM 2.0), a name such as "
-                   f"sam2.1_hiera_large or facebook/sam2.1-hiera-large")
+                   f"sam2.1_hiera_large or facebook/sam2.1-hiera-large, or your own YAML config file "
+                   f"(with --checkpoint)")
 
 
 def default_base_url() -> str:
@@ -92,6 +104,8 @@ def find_checkpoint(info: ModelInfo, explicit: Optional[str]) -> str:
         if os.path.isdir(explicit):
             raise CliError(f"--checkpoint {explicit} is a folder; give the .pt file")
         return explicit
+    if info.custom:
+        raise CliError(f"--model {info.name} is your own config: pass its checkpoint with --checkpoint PATH")
     for place in checkpoint_places(info):
         if os.path.isfile(place):
             return place
@@ -125,7 +139,8 @@ def overrides(image_size: Optional[int]) -> List[str]:
 
 def add_model_args(p) -> None:
     p.add_argument("--model", default="large", help="model name: tiny, small, base_plus, large (SAM 2.1; "
-                   "default large), sam2-tiny ... (SAM 2.0), or e.g. facebook/sam2.1-hiera-large")
+                   "default large), sam2-tiny ... (SAM 2.0), e.g. facebook/sam2.1-hiera-large, or your own "
+                   "YAML config file (a changed copy of an official one; give --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="the .pt checkpoint (default: the one `sam2-fast download "
                    "MODEL` fetched, or ./checkpoints/NAME.pt)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
