@@ -50,3 +50,20 @@ def test_amg_bench_bad_image_is_named(tmp_path):
     args = command.build_parser().parse_args(TINY + ["--image", str(tmp_path / "nope.png")])
     with pytest.raises(SystemExit, match="nope.png.*does not exist"):
         command.run(args, log=lambda *a: None)
+
+
+def test_default_settings_keep_masks_with_random_weights(tmp_path, monkeypatch):
+    """Without --checkpoint the default (auto -> random-weights) keeps masks, so the accuracy
+    columns compare something; the official settings keep none of a random model's masks
+    and the run says so."""
+    base = [a for a in TINY if a not in ("--amg-settings", "all")] + ["--points-per-side", "4"]
+    logs = []
+    args = command.build_parser().parse_args(base + ["--out", str(tmp_path)])
+    (result,) = command.run(args, log=logs.append)
+    assert result["case"]["settings"] == "random-weights"
+    assert all(r["masks"] > 0 for r in result["rows"]), result["rows"]
+    args = command.build_parser().parse_args(base + ["--amg-settings", "official", "--out", str(tmp_path)])
+    logs.clear()
+    (result,) = command.run(args, log=logs.append)
+    assert all(r["masks"] == 0 for r in result["rows"])
+    assert any("compare nothing" in str(line) for line in logs)
