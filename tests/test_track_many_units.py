@@ -141,3 +141,35 @@ def test_manifest_lines_name_the_bad_field(tmp_path):
     assert (p.points, p.labels, p.box, p.sources) == ([(1, 2), (3, 4)], [1, 0], (0, 0, 9, 9),
                                                       ["prompts[0]", "prompts[1]", "prompts[2]"])
     assert t.name == "v" and t.out == str(tmp_path / "out" / "v") and t.video == str(tmp_path / "v.mp4")
+
+
+def test_own_yaml_config_is_part_of_the_options_hash(tmp_path):
+    """--model my.yaml: editing the file makes finished videos stale (another model); the same
+    file keeps the same hash; official names keep the hashes of earlier runs (no config key)."""
+    import argparse
+
+    import numpy as np
+
+    from cli_harness import write_mp4
+    from sam2_fast.commands import track_many as TM
+
+    video = write_mp4(str(tmp_path / "v.mp4"), np.zeros((3, 32, 48, 3), np.uint8))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"video": video, "prompts": [{"frame": 0, "obj": 1, "points": [[4, 4]]}]}) + "\n")
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"weights")
+    cfg = tmp_path / "my.yaml"
+    parser = argparse.ArgumentParser()
+    TM.build_parser(parser)
+
+    def options(model):
+        args = parser.parse_args([str(manifest), "--model", model, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")])
+        _, _, pending = TM.plan(args, str(tmp_path / "o"), lambda *a: None)
+        return pending[0].options
+
+    cfg.write_text("model:\n  num_maskmem: 7\n")
+    first = options(str(cfg))
+    assert options(str(cfg)) == first
+    cfg.write_text("model:\n  num_maskmem: 5\n")
+    assert options(str(cfg)) != first
+    assert options("tiny") == options("sam2.1_hiera_tiny")

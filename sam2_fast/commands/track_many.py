@@ -97,6 +97,8 @@ def plan(args: argparse.Namespace, out: str, log) -> tuple:
     spec = ModelSpec(info.name, ckpt, args.image_size, args.fast)
     model_id = {"model": info.name, "checkpoint": file_identity(ckpt), "image_size": args.image_size,
                 "fast": args.fast}
+    if info.custom:  # your own YAML: an edited file is another model (official names keep their hashes)
+        model_id["config"] = file_identity(info.config)
     records: Dict[int, Dict[str, Any]] = {}
     pending: List[Task] = []
     for e in read_manifest(args.manifest, out):
