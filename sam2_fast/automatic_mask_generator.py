@@ -32,26 +32,10 @@ from .sam2_image_predictor import SAM2ImagePredictor
 from .utils import amg as A
 from .utils.transforms import image_to_rgb_hwc
 
-# names the official module re-exports, for code that imports them from here
+# the official module re-exports its helpers' names (SAM2Base, the utils.amg functions) and
+# code imports them from here: every public name of our utils.amg (a superset) comes along
 from .modeling.sam2_base import SAM2Base  # noqa: E402,F401
-from .utils.amg import (  # noqa: E402,F401
-    MaskData,
-    area_from_rle,
-    batch_iterator,
-    batched_mask_to_box,
-    box_xyxy_to_xywh,
-    build_all_layer_point_grids,
-    calculate_stability_score,
-    coco_encode_rle,
-    generate_crop_boxes,
-    is_box_near_crop_edge,
-    mask_to_rle_pytorch,
-    remove_small_regions,
-    rle_to_mask,
-    uncrop_boxes_xyxy,
-    uncrop_masks,
-    uncrop_points,
-)
+from .utils.amg import *  # noqa: E402,F401,F403
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # keyword arguments of from_pretrained that build the model rather than the generator
