@@ -265,9 +265,6 @@ def apply_overrides(cfg: SAM2Config, overrides: Iterable[str]) -> SAM2Config:
     """Apply ``++model.KEY=VALUE`` strings as the official builder's Hydra overrides do."""
     if isinstance(overrides, str):
         overrides = [overrides]
-    model_fields = {f.name: f for f in fields(SAM2Config)}
-    trunk_fields = {f.name for f in fields(HieraConfig)}
-    extra_fields = {f.name for f in fields(MaskDecoderExtraArgs)}
     for item in overrides:
         text = str(item).strip()
         body = text.lstrip("+~")
@@ -277,39 +274,49 @@ def apply_overrides(cfg: SAM2Config, overrides: Iterable[str]) -> SAM2Config:
         key = key.strip()
         if not key.startswith("model."):
             raise ConfigError(f"override {text!r}: only keys under 'model.' are supported")
-        key = key[len("model."):]
-        value = _parse_value(raw)
-        if key == "_target_":
-            continue  # which predictor class to build is chosen by the builder, not by a string
-        if key.startswith("sam_mask_decoder_extra_args."):
-            sub = key.split(".", 1)[1]
-            if sub not in extra_fields:
-                raise ConfigError(f"unknown override key model.{key}; known: {sorted(extra_fields)}")
-            base = cfg.sam_mask_decoder_extra_args or MaskDecoderExtraArgs()
-            cur = getattr(base, sub)
-            cfg = replace(cfg, sam_mask_decoder_extra_args=replace(base, **{sub: _coerce(cur, value, key)}))
-        elif key.startswith(_TRUNK_PREFIX):
-            sub = key[len(_TRUNK_PREFIX):]
-            if sub not in trunk_fields:
-                raise ConfigError(f"unknown override key model.{key}; known trunk keys: {sorted(trunk_fields)}")
-            cur = getattr(cfg.trunk, sub)
-            cfg = replace(cfg, trunk=replace(cfg.trunk, **{sub: _coerce(cur, value, key)}))
-        elif key in model_fields and key not in ("name", "trunk", "sam_mask_decoder_extra_args"):
-            cfg = replace(cfg, **{key: _coerce(getattr(cfg, key), value, key)})
-        else:
-            cfg = _apply_nested(cfg, key, value, model_fields)
+        cfg = _apply_key(cfg, key[len("model."):], _parse_value(raw))
     return cfg
 
 
-def _apply_nested(cfg: SAM2Config, key: str, value: Any, model_fields: dict) -> SAM2Config:
+_FLAT_EXCLUDED = ("name", "trunk", "sam_mask_decoder_extra_args")
+
+
+def _apply_key(cfg: SAM2Config, key: str, value: Any, nested: bool = True) -> SAM2Config:
+    """One override: a flat model key, a trunk or decoder-extra key, or (``nested``) a nested
+    key of the official YAML read through ``config_yaml.LEAVES``."""
+    model_fields = {f.name for f in fields(SAM2Config)}
+    if key == "_target_":
+        return cfg  # which predictor class to build is chosen by the builder, not by a string
+    if key.startswith("sam_mask_decoder_extra_args."):
+        sub = key.split(".", 1)[1]
+        extra_fields = {f.name for f in fields(MaskDecoderExtraArgs)}
+        if sub not in extra_fields:
+            raise ConfigError(f"unknown override key model.{key}; known: {sorted(extra_fields)}")
+        base = cfg.sam_mask_decoder_extra_args or MaskDecoderExtraArgs()
+        return replace(cfg, sam_mask_decoder_extra_args=replace(base, **{sub: _coerce(getattr(base, sub), value, key)}))
+    if key.startswith(_TRUNK_PREFIX):
+        sub = key[len(_TRUNK_PREFIX):]
+        trunk_fields = {f.name for f in fields(HieraConfig)}
+        if sub not in trunk_fields:
+            raise ConfigError(f"unknown override key model.{key}; known trunk keys: {sorted(trunk_fields)}")
+        return replace(cfg, trunk=replace(cfg.trunk, **{sub: _coerce(getattr(cfg.trunk, sub), value, key)}))
+    if key in model_fields and key not in _FLAT_EXCLUDED:
+        return replace(cfg, **{key: _coerce(getattr(cfg, key), value, key)})
+    if nested:
+        return _apply_nested(cfg, key, value)
+    raise ConfigError(f"override model.{key} cannot be applied on its own; edit it in a YAML file")
+
+
+def _apply_nested(cfg: SAM2Config, key: str, value: Any) -> SAM2Config:
     """A nested key of the official YAML (``memory_attention.layer.dim_feedforward``), read
-    through the custom-config table: a setting sets its field, a fixed or derived value must
-    equal what we build (then it changes nothing), anything else is an error naming the key."""
+    through the custom-config table: a setting sets its field (routed as the key that names
+    the field directly), a fixed or derived value must equal what we build (then it changes
+    nothing), anything else is an error naming the key."""
     from sam2_fast import config_yaml  # lazy: config_yaml imports this module
 
     leaf = config_yaml.LEAVES.get(key)
     if leaf is None:
-        known = sorted(k for k in model_fields if k not in ("name", "trunk"))
+        known = sorted(f.name for f in fields(SAM2Config) if f.name not in ("name", "trunk"))
         raise ConfigError(f"unknown override key model.{key}; known keys: {', '.join(known)} "
                           "and the nested keys of the official YAML files")
     if leaf.field is None:
@@ -319,12 +326,8 @@ def _apply_nested(cfg: SAM2Config, key: str, value: Any, model_fields: dict) -> 
             raise ConfigError(f"override model.{key}={value!r} is not supported: sam2_fast builds this "
                               f"part with {shown} only (for this config)")
         return cfg
-    if leaf.field.startswith("trunk."):
-        sub = leaf.field[len("trunk."):]
-        return replace(cfg, trunk=replace(cfg.trunk, **{sub: _coerce(getattr(cfg.trunk, sub), value, key)}))
-    if leaf.field in model_fields and leaf.field not in ("name", "trunk", "sam_mask_decoder_extra_args"):
-        return replace(cfg, **{leaf.field: _coerce(getattr(cfg, leaf.field), value, key)})
-    raise ConfigError(f"override model.{key} cannot be applied on its own; edit it in a YAML file")
+    direct = (_TRUNK_PREFIX + leaf.field[len("trunk."):]) if leaf.field.startswith("trunk.") else leaf.field
+    return _apply_key(cfg, direct, value, nested=False)
 
 
 POSTPROCESSING_OVERRIDES: Tuple[str, ...] = (
